@@ -1,0 +1,777 @@
+//! The device's local store (sled): outbox, quarantine, `device_seq` counters, per-branch
+//! positions, the local replica of branch state and the local log the event stream reads.
+//!
+//! Everything lives in sled's default tree under key prefixes, so that one
+//! [`sled::Batch`] is one atomic write across all of them: an applied event moves the
+//! branch position, updates the replica, appends to the local log and retires its outbox
+//! entry together, and a crash never leaves one without the others.
+//!
+//! | key | value |
+//! |---|---|
+//! | `meta/order` | next outbox ordinal (u64 BE) |
+//! | `meta/log` | next local log offset (u64 BE) |
+//! | `meta/clock` | last measured clock offset, ms (i64 BE) |
+//! | `c/{branch}` | the branch position `(epoch, seq)` the replica is at |
+//! | `n/{branch}` | the next `device_seq` to assign on the branch (u64 BE) |
+//! | `o/{branch}/{ordinal}` | an outbox entry, in publish order |
+//! | `q/{branch}/{event_id}` | a quarantined event |
+//! | `p/{branch}/{sku}` | a product of the replica |
+//! | `s/{branch}/{sku}` | a stock level of the replica |
+//! | `l/{offset}` | the local log of updates the event stream reads |
+//!
+//! The outbox is also mirrored in memory behind a mutex: publishing, renumbering and
+//! retiring entries are read-modify-writes that must not interleave, and the mirror makes
+//! pending counts and read-your-writes overlays cheap. The mutex is never held across an
+//! `.await`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use branchline_protocol::{
+    Codec, ErrorCode, Event, EventBody, Name, Position, ProductRecord, Publish, Rejected, Sku,
+    StockLevel, UnixMillis, now_ms,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::update::Update;
+
+const META_ORDER: &[u8] = b"meta/order";
+const META_LOG: &[u8] = b"meta/log";
+const META_CLOCK: &[u8] = b"meta/clock";
+
+fn key(prefix: &str, branch: &Name, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(prefix.len() + branch.as_str().len() + rest.len() + 2);
+    k.extend_from_slice(prefix.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(branch.as_str().as_bytes());
+    if !rest.is_empty() {
+        k.push(b'/');
+        k.extend_from_slice(rest);
+    }
+    k
+}
+
+fn branch_prefix(prefix: &str, branch: &Name) -> Vec<u8> {
+    let mut k = key(prefix, branch, b"");
+    k.push(b'/');
+    k
+}
+
+fn log_key(offset: u64) -> Vec<u8> {
+    let mut k = b"l/".to_vec();
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
+}
+
+fn enc<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    Ok(Codec::MsgPack.encode(value)?.to_vec())
+}
+
+fn dec<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T> {
+    Codec::MsgPack
+        .decode(bytes)
+        .map_err(|e| Error::corrupt(key, e))
+}
+
+fn u64_of(key: &[u8], bytes: &[u8]) -> Result<u64> {
+    <[u8; 8]>::try_from(bytes)
+        .map(u64::from_be_bytes)
+        .map_err(|_| Error::corrupt(key, "expected 8 bytes"))
+}
+
+/// An event recorded on this device and not yet seen sequenced: in the outbox.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PendingEvent {
+    /// The branch it is published to.
+    pub branch: Name,
+    /// Its identity (UUID v7), kept across retries and renumbering.
+    pub event_id: Uuid,
+    /// The `device_seq` it currently carries. It may change before the hub accepts it:
+    /// when an event ahead of it is quarantined, or when the hub says the device's counter
+    /// was lost (PROTOCOL.md §7).
+    pub device_seq: u64,
+    /// When it happened, on the device's clock corrected by the measured offset to the hub.
+    pub client_time_ms: UnixMillis,
+    /// For `stock.counted`: the last seq the device had applied.
+    #[serde(default)]
+    pub base_seq: Option<u64>,
+    /// For `product.*`: the product version the write is based on.
+    #[serde(default)]
+    pub base_version: Option<u64>,
+    /// Kind and body.
+    pub body: EventBody,
+    /// When it was recorded, on the device's own clock (for "oldest pending" ages).
+    pub recorded_at_ms: UnixMillis,
+    /// Where the hub sequenced it, once it said `accepted` (the entry stays until the event
+    /// itself is applied to the replica, so reads keep showing it in between).
+    #[serde(skip)]
+    pub accepted: Option<Position>,
+    #[serde(skip)]
+    order: u64,
+}
+
+impl PendingEvent {
+    /// The entry's place in the outbox (publish order), stable across renumbering.
+    pub(crate) fn order(&self) -> u64 {
+        self.order
+    }
+
+    /// The `publish` frame (or batch push element) for this event.
+    pub fn to_publish(&self) -> Publish {
+        Publish {
+            branch: self.branch.clone(),
+            event_id: self.event_id,
+            device_seq: self.device_seq,
+            client_time_ms: self.client_time_ms,
+            base_seq: self.base_seq,
+            base_version: self.base_version,
+            body: self.body.clone(),
+        }
+    }
+}
+
+/// An event the hub refused permanently, set aside so the events behind it go through.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuarantinedEvent {
+    /// The event as it was last sent.
+    pub event: PendingEvent,
+    /// Why the hub refused it.
+    pub code: ErrorCode,
+    /// The hub's explanation.
+    pub message: String,
+    /// For `conflict`: what the hub has.
+    #[serde(default)]
+    pub conflict: Option<branchline_protocol::ConflictDetail>,
+    /// When it was quarantined, on the device's clock.
+    pub quarantined_at_ms: UnixMillis,
+}
+
+/// The outcome of applying a run of events to a branch.
+#[derive(Debug, Default)]
+pub(crate) struct Applied {
+    /// The updates written to the local log, in order, with their offsets.
+    pub updates: Vec<(u64, Update)>,
+    /// Events skipped because the replica already had them.
+    pub duplicates: usize,
+    /// The first event that did not follow the position: (expected seq, got seq).
+    pub gap: Option<(u64, u64)>,
+    /// An event of another epoch than the position's: the log was reset, resync.
+    pub epoch_mismatch: bool,
+    /// The position after applying.
+    pub position: Option<Position>,
+}
+
+struct Inner {
+    /// The outbox: per branch, by ordinal (publish order).
+    outbox: BTreeMap<Name, BTreeMap<u64, PendingEvent>>,
+    /// event id → (branch, ordinal), for retiring entries when their event arrives.
+    index: HashMap<Uuid, (Name, u64)>,
+    next_order: u64,
+    next_log: u64,
+    log_len: u64,
+    quarantined: usize,
+}
+
+/// The local store. Cheap to share behind an `Arc`.
+pub(crate) struct Store {
+    db: sled::Db,
+    inner: Mutex<Inner>,
+    log_capacity: u64,
+    durable: bool,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path, log_capacity: u64, durable: bool) -> Result<Self> {
+        let db = sled::Config::new().path(path).open().map_err(|e| match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                Error::StoreLocked {
+                    path: path.display().to_string(),
+                }
+            }
+            other => Error::Store(other),
+        })?;
+        Self::from_db(db, log_capacity, durable)
+    }
+
+    /// A store that lives in a temporary directory and is deleted when dropped (dashboards,
+    /// tests).
+    pub fn temporary(log_capacity: u64) -> Result<Self> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Self::from_db(db, log_capacity, false)
+    }
+
+    fn from_db(db: sled::Db, log_capacity: u64, durable: bool) -> Result<Self> {
+        let mut outbox: BTreeMap<Name, BTreeMap<u64, PendingEvent>> = BTreeMap::new();
+        let mut index = HashMap::new();
+        for kv in db.scan_prefix(b"o/") {
+            let (k, v) = kv?;
+            let mut e: PendingEvent = dec(&k, &v)?;
+            e.order = k
+                .len()
+                .checked_sub(8)
+                .and_then(|at| k.get(at..))
+                .map(|b| u64_of(&k, b))
+                .transpose()?
+                .ok_or_else(|| Error::corrupt(&k, "outbox key too short"))?;
+            index.insert(e.event_id, (e.branch.clone(), e.order));
+            outbox
+                .entry(e.branch.clone())
+                .or_default()
+                .insert(e.order, e);
+        }
+        let next_order = match db.get(META_ORDER)? {
+            Some(v) => u64_of(META_ORDER, &v)?,
+            None => 1,
+        };
+        let next_log = match db.get(META_LOG)? {
+            Some(v) => u64_of(META_LOG, &v)?,
+            None => 1,
+        };
+        let log_len = db.scan_prefix(b"l/").count() as u64;
+        let quarantined = db.scan_prefix(b"q/").count();
+        Ok(Self {
+            db,
+            inner: Mutex::new(Inner {
+                outbox,
+                index,
+                next_order,
+                next_log,
+                log_len,
+                quarantined,
+            }),
+            log_capacity: log_capacity.max(1),
+            durable,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the mirror half-updated in a way that
+        // matters more than losing the client: every change is written to sled first.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until every write so far is on disk.
+    pub async fn flush(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    // ---- outbox -------------------------------------------------------------------------
+
+    fn next_dseq(&self, branch: &Name) -> Result<u64> {
+        let k = key("n", branch, b"");
+        match self.db.get(&k)? {
+            Some(v) => u64_of(&k, &v),
+            None => Ok(1),
+        }
+    }
+
+    /// Records an event in the outbox with the branch's next `device_seq`, durably (when
+    /// the store was opened durable).
+    pub async fn record(
+        &self,
+        branch: &Name,
+        body: EventBody,
+        base_seq: Option<u64>,
+        base_version: Option<u64>,
+        client_time_ms: UnixMillis,
+    ) -> Result<PendingEvent> {
+        let entry = {
+            let mut inner = self.lock();
+            let device_seq = self.next_dseq(branch)?;
+            let order = inner.next_order;
+            let entry = PendingEvent {
+                branch: branch.clone(),
+                event_id: Uuid::now_v7(),
+                device_seq,
+                client_time_ms,
+                base_seq,
+                base_version,
+                body,
+                recorded_at_ms: now_ms(),
+                accepted: None,
+                order,
+            };
+            let mut batch = sled::Batch::default();
+            batch.insert(key("o", branch, &order.to_be_bytes()), enc(&entry)?);
+            batch.insert(key("n", branch, b""), &(device_seq + 1).to_be_bytes());
+            batch.insert(META_ORDER, &(order + 1).to_be_bytes());
+            self.db.apply_batch(batch)?;
+            inner.next_order = order + 1;
+            inner.index.insert(entry.event_id, (branch.clone(), order));
+            inner
+                .outbox
+                .entry(branch.clone())
+                .or_default()
+                .insert(order, entry.clone());
+            entry
+        };
+        if self.durable {
+            self.flush().await?;
+        }
+        Ok(entry)
+    }
+
+    /// Every outbox entry of `branch`, in publish order.
+    pub fn pending(&self, branch: &Name) -> Vec<PendingEvent> {
+        self.lock()
+            .outbox
+            .get(branch)
+            .map(|m| m.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every outbox entry, by branch then publish order.
+    pub fn all_pending(&self) -> Vec<PendingEvent> {
+        self.lock()
+            .outbox
+            .values()
+            .flat_map(|m| m.values().cloned())
+            .collect()
+    }
+
+    /// Branches with outbox entries.
+    pub fn outbox_branches(&self) -> Vec<Name> {
+        self.lock()
+            .outbox
+            .iter()
+            .filter(|(_, m)| !m.is_empty())
+            .map(|(b, _)| b.clone())
+            .collect()
+    }
+
+    /// Up to `limit` entries of `branch` not yet accepted, in publish order, after the entry
+    /// with ordinal `after`, or from the first.
+    pub fn unaccepted(&self, branch: &Name, after: Option<u64>, limit: usize) -> Vec<PendingEvent> {
+        let inner = self.lock();
+        let Some(m) = inner.outbox.get(branch) else {
+            return Vec::new();
+        };
+        let start = after.map_or(0, |o| o + 1);
+        m.range(start..)
+            .map(|(_, e)| e)
+            .filter(|e| e.accepted.is_none())
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// (entries not yet accepted, recorded time of the oldest of them), over all branches.
+    pub fn pending_stats(&self) -> (u64, Option<UnixMillis>) {
+        let inner = self.lock();
+        let mut count = 0;
+        let mut oldest: Option<UnixMillis> = None;
+        for e in inner.outbox.values().flat_map(|m| m.values()) {
+            if e.accepted.is_none() {
+                count += 1;
+                oldest = Some(oldest.map_or(e.recorded_at_ms, |o| o.min(e.recorded_at_ms)));
+            }
+        }
+        (count, oldest)
+    }
+
+    /// Entries in quarantine.
+    pub fn quarantined_count(&self) -> usize {
+        self.lock().quarantined
+    }
+
+    /// The hub accepted `event_id` at `position`. The entry is retired now if the replica
+    /// already holds that position (or the branch is not followed, so the event will never
+    /// arrive); otherwise it stays, marked, until the event is applied.
+    pub fn mark_accepted(&self, event_id: Uuid, position: Position, followed: bool) -> Result<()> {
+        let mut inner = self.lock();
+        let Some((branch, order)) = inner.index.get(&event_id).cloned() else {
+            return Ok(());
+        };
+        let cursor = self.cursor(&branch)?;
+        let applied = cursor.is_some_and(|c| c.epoch == position.epoch && c.seq >= position.seq);
+        if !followed || applied {
+            self.db.remove(key("o", &branch, &order.to_be_bytes()))?;
+            remove_entry(&mut inner, &branch, order);
+        } else if let Some(e) = inner
+            .outbox
+            .get_mut(&branch)
+            .and_then(|m| m.get_mut(&order))
+        {
+            e.accepted = Some(position);
+        }
+        Ok(())
+    }
+
+    /// Moves an entry the hub refused permanently into quarantine.
+    pub fn quarantine(
+        &self,
+        event_id: Uuid,
+        rejected: &Rejected,
+    ) -> Result<Option<QuarantinedEvent>> {
+        let mut inner = self.lock();
+        let Some((branch, order)) = inner.index.get(&event_id).cloned() else {
+            return Ok(None);
+        };
+        let Some(event) = inner
+            .outbox
+            .get(&branch)
+            .and_then(|m| m.get(&order))
+            .cloned()
+        else {
+            return Ok(None);
+        };
+        let q = QuarantinedEvent {
+            event,
+            code: rejected.code,
+            message: rejected.message.clone(),
+            conflict: rejected.conflict.as_deref().cloned(),
+            quarantined_at_ms: now_ms(),
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(key("o", &branch, &order.to_be_bytes()));
+        batch.insert(key("q", &branch, event_id.as_bytes()), enc(&q)?);
+        self.db.apply_batch(batch)?;
+        remove_entry(&mut inner, &branch, order);
+        inner.quarantined += 1;
+        Ok(Some(q))
+    }
+
+    /// Every quarantined event, by branch.
+    pub fn quarantined(&self) -> Result<Vec<QuarantinedEvent>> {
+        self.db
+            .scan_prefix(b"q/")
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec(&k, &v)
+            })
+            .collect()
+    }
+
+    fn find_quarantined(&self, event_id: Uuid) -> Result<(Vec<u8>, QuarantinedEvent)> {
+        for kv in self.db.scan_prefix(b"q/") {
+            let (k, v) = kv?;
+            if k.ends_with(event_id.as_bytes()) {
+                let q: QuarantinedEvent = dec(&k, &v)?;
+                if q.event.event_id == event_id {
+                    return Ok((k.to_vec(), q));
+                }
+            }
+        }
+        Err(Error::NotQuarantined(event_id))
+    }
+
+    /// Puts a quarantined event back at the end of its branch's outbox, with the next
+    /// `device_seq`, to be sent again.
+    pub fn retry_quarantined(&self, event_id: Uuid) -> Result<PendingEvent> {
+        let mut inner = self.lock();
+        let (qkey, q) = self.find_quarantined(event_id)?;
+        let branch = q.event.branch.clone();
+        let device_seq = self.next_dseq(&branch)?;
+        let order = inner.next_order;
+        let entry = PendingEvent {
+            device_seq,
+            order,
+            accepted: None,
+            ..q.event
+        };
+        let mut batch = sled::Batch::default();
+        batch.remove(qkey);
+        batch.insert(key("o", &branch, &order.to_be_bytes()), enc(&entry)?);
+        batch.insert(key("n", &branch, b""), &(device_seq + 1).to_be_bytes());
+        batch.insert(META_ORDER, &(order + 1).to_be_bytes());
+        self.db.apply_batch(batch)?;
+        inner.next_order = order + 1;
+        inner.quarantined = inner.quarantined.saturating_sub(1);
+        inner.index.insert(event_id, (branch.clone(), order));
+        inner
+            .outbox
+            .entry(branch)
+            .or_default()
+            .insert(order, entry.clone());
+        Ok(entry)
+    }
+
+    /// Deletes a quarantined event for good.
+    pub fn drop_quarantined(&self, event_id: Uuid) -> Result<QuarantinedEvent> {
+        let mut inner = self.lock();
+        let (qkey, q) = self.find_quarantined(event_id)?;
+        self.db.remove(qkey)?;
+        inner.quarantined = inner.quarantined.saturating_sub(1);
+        Ok(q)
+    }
+
+    /// Renumbers the not-yet-accepted entries of `branch`, in publish order, as
+    /// `from, from + 1, …`, and sets the branch counter after them. Used after a quarantine
+    /// (to close the gap), `out_of_order` and `device_seq_reused` (PROTOCOL.md §7). Accepted
+    /// entries keep their numbers. Returns how many entries changed.
+    pub fn renumber(&self, branch: &Name, from: u64) -> Result<usize> {
+        let mut inner = self.lock();
+        let mut batch = sled::Batch::default();
+        let mut next = from.max(1);
+        let mut changed = Vec::new();
+        if let Some(m) = inner.outbox.get(branch) {
+            for e in m.values().filter(|e| e.accepted.is_none()) {
+                if e.device_seq != next {
+                    let mut e2 = e.clone();
+                    e2.device_seq = next;
+                    batch.insert(key("o", branch, &e.order.to_be_bytes()), enc(&e2)?);
+                    changed.push((e.order, next));
+                }
+                next += 1;
+            }
+        }
+        batch.insert(key("n", branch, b""), &next.to_be_bytes());
+        self.db.apply_batch(batch)?;
+        if let Some(m) = inner.outbox.get_mut(branch) {
+            for (order, seq) in &changed {
+                if let Some(e) = m.get_mut(order) {
+                    e.device_seq = *seq;
+                }
+            }
+        }
+        Ok(changed.len())
+    }
+
+    /// The hub says its last applied `device_seq` from this device on `branch` is `last`.
+    /// If nothing is waiting to be sent there, the counter is set to follow it, so the next
+    /// publish is numbered right (a restored or fresh store would otherwise start wrong).
+    pub fn align_counter(&self, branch: &Name, last: u64) -> Result<()> {
+        let inner = self.lock();
+        let waiting = inner
+            .outbox
+            .get(branch)
+            .is_some_and(|m| m.values().any(|e| e.accepted.is_none()));
+        if !waiting && self.next_dseq(branch)? != last + 1 {
+            self.db
+                .insert(key("n", branch, b""), &(last + 1).to_be_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The `device_seq` the next publish on `branch` gets.
+    #[cfg(test)]
+    pub fn next_device_seq(&self, branch: &Name) -> Result<u64> {
+        let _inner = self.lock();
+        self.next_dseq(branch)
+    }
+
+    // ---- positions, replica, local log ----------------------------------------------------
+
+    /// The position the replica of `branch` is at (`None` before the first snapshot).
+    pub fn cursor(&self, branch: &Name) -> Result<Option<Position>> {
+        let k = key("c", branch, b"");
+        self.db.get(&k)?.map(|v| dec(&k, &v)).transpose()
+    }
+
+    /// Applies consecutive events of one branch: position, replica (by each event's
+    /// `effect`, PROTOCOL.md §10), local log and outbox retirement in one atomic write.
+    /// Events the replica already holds are skipped; the run stops at a gap or an epoch
+    /// change, which the caller must answer by resuming or resyncing.
+    pub fn apply_events(&self, branch: &Name, events: Vec<Event>) -> Result<Applied> {
+        let mut inner = self.lock();
+        let mut out = Applied::default();
+        let Some(mut pos) = self.cursor(branch)? else {
+            // No snapshot yet: the caller must not deliver events before one.
+            out.epoch_mismatch = true;
+            return Ok(out);
+        };
+        let mut batch = sled::Batch::default();
+        let mut retired = Vec::new();
+        let mut next_log = inner.next_log;
+        for event in events {
+            if event.epoch != pos.epoch {
+                out.epoch_mismatch = true;
+                break;
+            }
+            if event.seq <= pos.seq {
+                out.duplicates += 1;
+                continue;
+            }
+            if event.seq != pos.seq + 1 {
+                out.gap = Some((pos.seq + 1, event.seq));
+                break;
+            }
+            for level in &event.effect.stock {
+                batch.insert(key("s", branch, level.sku.as_str().as_bytes()), enc(level)?);
+            }
+            if let Some(p) = &event.effect.product {
+                batch.insert(key("p", branch, p.sku.as_str().as_bytes()), enc(p)?);
+            }
+            if let Some((b, order)) = inner.index.get(&event.event_id).cloned() {
+                if &b == branch {
+                    batch.remove(key("o", branch, &order.to_be_bytes()));
+                    retired.push(order);
+                }
+            }
+            pos = event.position();
+            let update = Update::Event(Box::new(event));
+            batch.insert(log_key(next_log), enc(&update)?);
+            out.updates.push((next_log, update));
+            next_log += 1;
+        }
+        if out.updates.is_empty() {
+            out.position = Some(pos);
+            return Ok(out);
+        }
+        batch.insert(key("c", branch, b""), enc(&pos)?);
+        self.finish_log(&mut inner, &mut batch, next_log);
+        self.db.apply_batch(batch)?;
+        for order in retired {
+            remove_entry(&mut inner, branch, order);
+        }
+        self.commit_log(&mut inner, next_log);
+        out.position = Some(pos);
+        Ok(out)
+    }
+
+    /// Replaces the replica of `branch` with a snapshot pinned at `position`, in one atomic
+    /// write. Outbox entries the snapshot already contains are retired; entries accepted in
+    /// another epoch are sent again (the hub deduplicates them by event id).
+    pub fn apply_snapshot(
+        &self,
+        branch: &Name,
+        position: Position,
+        products: &[ProductRecord],
+        stock: &[StockLevel],
+    ) -> Result<(u64, Update)> {
+        let mut inner = self.lock();
+        let mut batch = sled::Batch::default();
+        for prefix in ["p", "s"] {
+            for k in self.db.scan_prefix(branch_prefix(prefix, branch)).keys() {
+                batch.remove(k?);
+            }
+        }
+        for p in products {
+            batch.insert(key("p", branch, p.sku.as_str().as_bytes()), enc(p)?);
+        }
+        for s in stock {
+            batch.insert(key("s", branch, s.sku.as_str().as_bytes()), enc(s)?);
+        }
+        batch.insert(key("c", branch, b""), enc(&position)?);
+        let mut retired = Vec::new();
+        if let Some(m) = inner.outbox.get(branch) {
+            for e in m.values() {
+                if let Some(a) = e.accepted {
+                    if a.epoch == position.epoch && a.seq <= position.seq {
+                        batch.remove(key("o", branch, &e.order.to_be_bytes()));
+                        retired.push(e.order);
+                    }
+                }
+            }
+        }
+        let offset = inner.next_log;
+        let update = Update::Resynced {
+            branch: branch.clone(),
+            position,
+        };
+        batch.insert(log_key(offset), enc(&update)?);
+        self.finish_log(&mut inner, &mut batch, offset + 1);
+        self.db.apply_batch(batch)?;
+        for order in retired {
+            remove_entry(&mut inner, branch, order);
+        }
+        if let Some(m) = inner.outbox.get_mut(branch) {
+            for e in m.values_mut() {
+                if e.accepted.is_some_and(|a| a.epoch != position.epoch) {
+                    e.accepted = None;
+                }
+            }
+        }
+        self.commit_log(&mut inner, offset + 1);
+        Ok((offset, update))
+    }
+
+    /// Adds the local log bookkeeping (next offset, trimming past capacity) to `batch`.
+    fn finish_log(&self, inner: &mut Inner, batch: &mut sled::Batch, next_log: u64) {
+        batch.insert(META_LOG, &next_log.to_be_bytes());
+        let len = inner.log_len + (next_log - inner.next_log);
+        if len > self.log_capacity {
+            let first = next_log - len;
+            for offset in first..next_log - self.log_capacity {
+                batch.remove(log_key(offset));
+            }
+        }
+    }
+
+    fn commit_log(&self, inner: &mut Inner, next_log: u64) {
+        inner.log_len = (inner.log_len + (next_log - inner.next_log)).min(self.log_capacity);
+        inner.next_log = next_log;
+    }
+
+    /// The offset the next local log entry will get.
+    pub fn log_end(&self) -> u64 {
+        self.lock().next_log
+    }
+
+    /// The oldest offset still in the local log.
+    pub fn log_start(&self) -> u64 {
+        let inner = self.lock();
+        inner.next_log - inner.log_len
+    }
+
+    /// The local log entry at `offset`, if still held.
+    pub fn log_entry(&self, offset: u64) -> Result<Option<Update>> {
+        let k = log_key(offset);
+        self.db.get(&k)?.map(|v| dec(&k, &v)).transpose()
+    }
+
+    /// The replica's product `sku` on `branch`, as the hub last confirmed it.
+    pub fn confirmed_product(&self, branch: &Name, sku: &Sku) -> Result<Option<ProductRecord>> {
+        let k = key("p", branch, sku.as_str().as_bytes());
+        self.db.get(&k)?.map(|v| dec(&k, &v)).transpose()
+    }
+
+    /// The replica's stock level of `sku` on `branch`, as the hub last confirmed it.
+    pub fn confirmed_stock(&self, branch: &Name, sku: &Sku) -> Result<Option<StockLevel>> {
+        let k = key("s", branch, sku.as_str().as_bytes());
+        self.db.get(&k)?.map(|v| dec(&k, &v)).transpose()
+    }
+
+    /// Every product of the replica of `branch`, in SKU order.
+    pub fn confirmed_products(&self, branch: &Name) -> Result<Vec<ProductRecord>> {
+        self.scan_values(&branch_prefix("p", branch))
+    }
+
+    /// Every stock level of the replica of `branch`, in SKU order.
+    pub fn confirmed_stock_levels(&self, branch: &Name) -> Result<Vec<StockLevel>> {
+        self.scan_values(&branch_prefix("s", branch))
+    }
+
+    fn scan_values<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>> {
+        self.db
+            .scan_prefix(prefix)
+            .map(|kv| {
+                let (k, v) = kv?;
+                dec(&k, &v)
+            })
+            .collect()
+    }
+
+    /// The last measured clock offset (hub minus device, ms), kept across restarts so events
+    /// recorded offline before the first measurement are still corrected.
+    pub fn clock_offset(&self) -> Result<Option<i64>> {
+        self.db
+            .get(META_CLOCK)?
+            .map(|v| u64_of(META_CLOCK, &v).map(|u| u as i64))
+            .transpose()
+    }
+
+    /// Stores the measured clock offset.
+    pub fn set_clock_offset(&self, offset_ms: i64) -> Result<()> {
+        self.db
+            .insert(META_CLOCK, &(offset_ms as u64).to_be_bytes())?;
+        Ok(())
+    }
+}
+
+fn remove_entry(inner: &mut Inner, branch: &Name, order: u64) {
+    if let Some(m) = inner.outbox.get_mut(branch) {
+        if let Some(e) = m.remove(&order) {
+            inner.index.remove(&e.event_id);
+        }
+        if m.is_empty() {
+            inner.outbox.remove(branch);
+        }
+    }
+}
