@@ -1,0 +1,721 @@
+//! The replay log: the storage engine boundary and its sled implementation.
+//!
+//! The rest of the hub sees only [`EventLog`]: append a batch of typed [`Op`]s atomically
+//! (events with their dedup entries, device counters and state), read a range of events, and
+//! the per-branch metadata. [`SledLog`] keeps everything in one sled tree under typed key
+//! prefixes, so that one group commit is one atomic `apply_batch` and one flush. Another engine
+//! (a multi-node one) implements the same trait without touching rooms, sessions or HTTP.
+//!
+//! Key layout (`B` is `tenant \0 branch \0`, seqs are big-endian so scans run in order):
+//!
+//! | key | value |
+//! |---|---|
+//! | `M` B | epoch (u64), created (i64 ms) |
+//! | `H` B | head seq (u64), written by commits |
+//! | `F` B | floor seq (u64), written by retention |
+//! | `E` B seq | server time (i64 ms) then the event as MessagePack, ready to send |
+//! | `D` B event_id | seq, content hash, server time: the dedup index |
+//! | `V` B device | last applied `device_seq` |
+//! | `P` B sku | product state (MessagePack) |
+//! | `S` B sku | stock on hand (i64) |
+//! | `C` B conflict_id | conflict record (MessagePack); ids are UUID v7, so newest last |
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use branchline_protocol::{
+    Codec, ConflictRecord, ConflictStatus, Epoch, IdError, Name, Sku, UnixMillis, now_ms,
+};
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::config::FsyncMode;
+use crate::state::ProductState;
+
+/// A branch of a tenant: the unit of sequencing, storage and fan-out.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BranchKey {
+    /// The tenant.
+    pub tenant: Name,
+    /// The branch.
+    pub branch: Name,
+}
+
+impl BranchKey {
+    /// The branch `branch` of `tenant`.
+    pub fn new(tenant: Name, branch: Name) -> Self {
+        Self { tenant, branch }
+    }
+
+    /// Parses `tenant/branch`.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let (tenant, branch) = s.split_once('/').ok_or(IdError::Empty { what: "branch" })?;
+        Ok(Self::new(Name::new(tenant)?, Name::new(branch)?))
+    }
+
+    /// `tenant \0 branch \0`: names never hold a NUL, so this is prefix-free.
+    fn encode(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(self.tenant.as_str().len() + self.branch.as_str().len() + 2);
+        out.extend_from_slice(self.tenant.as_str().as_bytes());
+        out.push(0);
+        out.extend_from_slice(self.branch.as_str().as_bytes());
+        out.push(0);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<(Self, &[u8])> {
+        let t = bytes.iter().position(|&b| b == 0)?;
+        let rest = &bytes[t + 1..];
+        let b = rest.iter().position(|&b| b == 0)?;
+        let tenant = Name::new(std::str::from_utf8(&bytes[..t]).ok()?).ok()?;
+        let branch = Name::new(std::str::from_utf8(&rest[..b]).ok()?).ok()?;
+        Some((Self::new(tenant, branch), &rest[b + 1..]))
+    }
+}
+
+impl fmt::Display for BranchKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.branch)
+    }
+}
+
+impl fmt::Debug for BranchKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BranchKey({self})")
+    }
+}
+
+/// A stored event: its seq, when it was sequenced, and its MessagePack encoding.
+#[derive(Clone, Debug)]
+pub struct StoredEvent {
+    /// The event's seq.
+    pub seq: u64,
+    /// When the hub sequenced it.
+    pub server_time_ms: UnixMillis,
+    /// The `Event` as MessagePack, exactly as sent to MessagePack clients.
+    pub bytes: Bytes,
+}
+
+/// What the dedup index remembers of an accepted event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupEntry {
+    /// Its seq.
+    pub seq: u64,
+    /// Hash of its content (kind, body, client time, bases).
+    pub hash: u64,
+    /// When it was sequenced (for the dedup window).
+    pub server_time_ms: UnixMillis,
+}
+
+/// Everything the branch writer needs to pick up a branch where it was.
+#[derive(Debug, Default)]
+pub struct LoadedBranch {
+    /// The log's epoch.
+    pub epoch: Epoch,
+    /// The last committed seq.
+    pub head: u64,
+    /// The retention floor.
+    pub floor: u64,
+    /// Last applied `device_seq` per device.
+    pub devices: HashMap<Name, u64>,
+    /// The catalog.
+    pub products: Vec<(Sku, ProductState)>,
+    /// Stock on hand per SKU.
+    pub stock: Vec<(Sku, i64)>,
+    /// Conflicts waiting for an admin.
+    pub open_conflicts: Vec<ConflictRecord>,
+}
+
+/// One write of a commit. A commit applies all its ops atomically.
+#[derive(Clone, Debug)]
+pub enum Op {
+    /// An event at `seq`.
+    Event {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// Its seq.
+        seq: u64,
+        /// When it was sequenced.
+        server_time_ms: UnixMillis,
+        /// Its MessagePack encoding.
+        bytes: Bytes,
+    },
+    /// The branch head after this commit.
+    Head {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The new head.
+        head: u64,
+    },
+    /// A dedup entry for an accepted event.
+    Dedup {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The event id.
+        event_id: Uuid,
+        /// What to remember.
+        entry: DedupEntry,
+    },
+    /// A device's last applied `device_seq`.
+    DeviceSeq {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The device.
+        device: Name,
+        /// Its last applied `device_seq`.
+        seq: u64,
+    },
+    /// A product's state, encoded.
+    Product {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The SKU.
+        sku: Sku,
+        /// Its [`ProductState`] as MessagePack.
+        state: Bytes,
+    },
+    /// A SKU's stock on hand.
+    Stock {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The SKU.
+        sku: Sku,
+        /// Units on hand.
+        on_hand: i64,
+    },
+    /// A conflict record, encoded.
+    Conflict {
+        /// The branch.
+        branch: Arc<BranchKey>,
+        /// The conflict id.
+        id: Uuid,
+        /// The [`ConflictRecord`] as MessagePack.
+        record: Bytes,
+    },
+}
+
+/// A storage failure. Fatal for the write that met it: the hub stops accepting writes until
+/// it is restarted (see [`crate::commit`]).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The storage engine failed.
+    #[error("store: {0}")]
+    Engine(#[from] sled::Error),
+    /// Stored bytes could not be read back.
+    #[error("store holds unreadable data at {key}: {why}")]
+    Corrupt {
+        /// Where.
+        key: String,
+        /// What was wrong.
+        why: String,
+    },
+    /// An earlier write failed; nothing more is written until a restart.
+    #[error("store refused writes after an earlier failure")]
+    Failed,
+}
+
+/// The storage engine boundary.
+pub trait EventLog: Send + Sync + 'static {
+    /// Opens a branch, creating its log (with a fresh epoch, durably) if it has none.
+    fn open_branch(&self, branch: &BranchKey) -> Result<LoadedBranch, StoreError>;
+
+    /// Applies `ops` atomically; when `durable`, returns only after they are on disk.
+    fn commit(&self, ops: &[Op], durable: bool) -> Result<(), StoreError>;
+
+    /// Forces everything committed so far to disk.
+    fn flush(&self) -> Result<(), StoreError>;
+
+    /// Events with `after < seq <= until`, in order, at most `limit`.
+    fn read_events(
+        &self,
+        branch: &BranchKey,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError>;
+
+    /// The dedup entry of `event_id`, if it is remembered.
+    fn dedup(&self, branch: &BranchKey, event_id: &Uuid) -> Result<Option<DedupEntry>, StoreError>;
+
+    /// Conflict records of a branch, newest first, filtered by status.
+    fn conflicts(
+        &self,
+        branch: &BranchKey,
+        status: Option<ConflictStatus>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError>;
+
+    /// One conflict record.
+    fn conflict(&self, branch: &BranchKey, id: &Uuid)
+    -> Result<Option<ConflictRecord>, StoreError>;
+
+    /// Every branch with a log.
+    fn branches(&self) -> Result<Vec<BranchKey>, StoreError>;
+
+    /// The seq of the last event sequenced before `cutoff_ms`, if any.
+    fn last_seq_before(
+        &self,
+        branch: &BranchKey,
+        cutoff_ms: UnixMillis,
+    ) -> Result<Option<u64>, StoreError>;
+
+    /// Moves the floor to `floor` (durably) and deletes the events at or below it.
+    fn trim(&self, branch: &BranchKey, floor: u64) -> Result<u64, StoreError>;
+
+    /// Deletes dedup entries of events sequenced before `cutoff_ms`.
+    fn expire_dedup(&self, branch: &BranchKey, cutoff_ms: UnixMillis) -> Result<u64, StoreError>;
+
+    /// Bytes the store occupies on disk.
+    fn size_on_disk(&self) -> Result<u64, StoreError>;
+}
+
+const META: u8 = b'M';
+const HEAD: u8 = b'H';
+const FLOOR: u8 = b'F';
+const EVENT: u8 = b'E';
+const DEDUP: u8 = b'D';
+const DEVICE: u8 = b'V';
+const PRODUCT: u8 = b'P';
+const STOCK: u8 = b'S';
+const CONFLICT: u8 = b'C';
+
+fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(
+        1 + branch.tenant.as_str().len() + branch.branch.as_str().len() + 2 + suffix.len(),
+    );
+    k.push(tag);
+    k.extend_from_slice(&branch.encode());
+    k.extend_from_slice(suffix);
+    k
+}
+
+fn u64_at(bytes: &[u8], at: usize, what: &str) -> Result<u64, StoreError> {
+    bytes
+        .get(at..at + 8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .ok_or_else(|| StoreError::Corrupt {
+            key: what.into(),
+            why: format!("{} bytes", bytes.len()),
+        })
+}
+
+fn i64_at(bytes: &[u8], at: usize, what: &str) -> Result<i64, StoreError> {
+    u64_at(bytes, at, what).map(|v| v as i64)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
+    Codec::MsgPack
+        .decode(bytes)
+        .map_err(|e| StoreError::Corrupt {
+            key: what.into(),
+            why: e.to_string(),
+        })
+}
+
+/// The replay log in an embedded sled database.
+pub struct SledLog {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl SledLog {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path, cache_bytes: u64, fsync: FsyncMode) -> Result<Self, StoreError> {
+        let flush_every = match fsync {
+            // Commits flush themselves; sled's own background flush adds nothing but is harmless.
+            FsyncMode::Always => Some(500),
+            FsyncMode::Interval(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
+        };
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(flush_every)
+            .open()?;
+        let tree = db.open_tree("log")?;
+        Ok(Self { db, tree })
+    }
+
+    /// How many events a branch log holds and their bytes (a full scan: for inspection).
+    pub fn event_stats(&self, branch: &BranchKey) -> Result<(u64, u64), StoreError> {
+        let (mut count, mut bytes) = (0, 0);
+        for kv in self.scan(EVENT, branch) {
+            let (k, v) = kv?;
+            count += 1;
+            bytes += (k.len() + v.len()) as u64;
+        }
+        Ok((count, bytes))
+    }
+
+    fn scan(&self, tag: u8, branch: &BranchKey) -> sled::Iter {
+        self.tree.scan_prefix(key(tag, branch, &[]))
+    }
+
+    fn read_u64(&self, k: &[u8], what: &str) -> Result<Option<u64>, StoreError> {
+        self.tree.get(k)?.map(|v| u64_at(&v, 0, what)).transpose()
+    }
+}
+
+impl EventLog for SledLog {
+    fn open_branch(&self, branch: &BranchKey) -> Result<LoadedBranch, StoreError> {
+        let meta_key = key(META, branch, &[]);
+        let epoch = match self.tree.get(&meta_key)? {
+            Some(meta) => Epoch(u64_at(&meta, 0, "meta")?),
+            None => {
+                let epoch = Epoch(rand::random::<u64>());
+                let mut meta = epoch.0.to_be_bytes().to_vec();
+                meta.extend_from_slice(&now_ms().to_be_bytes());
+                // Two openers racing: the first one's epoch stands.
+                match self
+                    .tree
+                    .compare_and_swap(&meta_key, None::<&[u8]>, Some(meta))?
+                {
+                    Ok(()) => {
+                        self.db.flush()?;
+                        epoch
+                    }
+                    Err(cas) => {
+                        let current = cas.current.ok_or_else(|| StoreError::Corrupt {
+                            key: "meta".into(),
+                            why: "vanished during creation".into(),
+                        })?;
+                        Epoch(u64_at(&current, 0, "meta")?)
+                    }
+                }
+            }
+        };
+        let head = self.read_u64(&key(HEAD, branch, &[]), "head")?.unwrap_or(0);
+        let floor = self
+            .read_u64(&key(FLOOR, branch, &[]), "floor")?
+            .unwrap_or(0);
+        let prefix_len = key(DEVICE, branch, &[]).len();
+        let mut devices = HashMap::new();
+        for kv in self.scan(DEVICE, branch) {
+            let (k, v) = kv?;
+            let device = std::str::from_utf8(&k[prefix_len..])
+                .ok()
+                .and_then(|s| Name::new(s).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: "device".into(),
+                    why: "bad name".into(),
+                })?;
+            devices.insert(device, u64_at(&v, 0, "device")?);
+        }
+        let sku_of = |k: &[u8]| {
+            std::str::from_utf8(&k[prefix_len..])
+                .ok()
+                .and_then(|s| Sku::new(s).ok())
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: "sku".into(),
+                    why: "bad sku".into(),
+                })
+        };
+        let mut products = Vec::new();
+        for kv in self.scan(PRODUCT, branch) {
+            let (k, v) = kv?;
+            products.push((sku_of(&k)?, decode(&v, "product")?));
+        }
+        let mut stock = Vec::new();
+        for kv in self.scan(STOCK, branch) {
+            let (k, v) = kv?;
+            stock.push((sku_of(&k)?, i64_at(&v, 0, "stock")?));
+        }
+        let open_conflicts = self.conflicts(branch, Some(ConflictStatus::Open), usize::MAX)?;
+        Ok(LoadedBranch {
+            epoch,
+            head,
+            floor,
+            devices,
+            products,
+            stock,
+            open_conflicts,
+        })
+    }
+
+    fn commit(&self, ops: &[Op], durable: bool) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for op in ops {
+            match op {
+                Op::Event {
+                    branch,
+                    seq,
+                    server_time_ms,
+                    bytes,
+                } => {
+                    let mut value = Vec::with_capacity(8 + bytes.len());
+                    value.extend_from_slice(&server_time_ms.to_be_bytes());
+                    value.extend_from_slice(bytes);
+                    batch.insert(key(EVENT, branch, &seq.to_be_bytes()), value);
+                }
+                Op::Head { branch, head } => {
+                    batch.insert(key(HEAD, branch, &[]), &head.to_be_bytes());
+                }
+                Op::Dedup {
+                    branch,
+                    event_id,
+                    entry,
+                } => {
+                    let mut value = [0u8; 24];
+                    value[..8].copy_from_slice(&entry.seq.to_be_bytes());
+                    value[8..16].copy_from_slice(&entry.hash.to_be_bytes());
+                    value[16..].copy_from_slice(&entry.server_time_ms.to_be_bytes());
+                    batch.insert(key(DEDUP, branch, event_id.as_bytes()), &value);
+                }
+                Op::DeviceSeq {
+                    branch,
+                    device,
+                    seq,
+                } => {
+                    batch.insert(
+                        key(DEVICE, branch, device.as_str().as_bytes()),
+                        &seq.to_be_bytes(),
+                    );
+                }
+                Op::Product { branch, sku, state } => {
+                    batch.insert(
+                        key(PRODUCT, branch, sku.as_str().as_bytes()),
+                        state.as_ref(),
+                    );
+                }
+                Op::Stock {
+                    branch,
+                    sku,
+                    on_hand,
+                } => {
+                    batch.insert(
+                        key(STOCK, branch, sku.as_str().as_bytes()),
+                        &on_hand.to_be_bytes(),
+                    );
+                }
+                Op::Conflict { branch, id, record } => {
+                    batch.insert(key(CONFLICT, branch, id.as_bytes()), record.as_ref());
+                }
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        if durable {
+            self.db.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn read_events(
+        &self,
+        branch: &BranchKey,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        if until <= after || limit == 0 {
+            return Ok(Vec::new());
+        }
+        let start = key(EVENT, branch, &(after + 1).to_be_bytes());
+        let end = key(EVENT, branch, &until.to_be_bytes());
+        let mut out = Vec::with_capacity(limit.min((until - after) as usize));
+        for kv in self.tree.range(start..=end).take(limit) {
+            let (k, v) = kv?;
+            let seq = u64_at(&k, k.len() - 8, "event key")?;
+            let server_time_ms = i64_at(&v, 0, "event")?;
+            out.push(StoredEvent {
+                seq,
+                server_time_ms,
+                bytes: Bytes::from_owner(v).slice(8..),
+            });
+        }
+        Ok(out)
+    }
+
+    fn dedup(&self, branch: &BranchKey, event_id: &Uuid) -> Result<Option<DedupEntry>, StoreError> {
+        self.tree
+            .get(key(DEDUP, branch, event_id.as_bytes()))?
+            .map(|v| {
+                Ok(DedupEntry {
+                    seq: u64_at(&v, 0, "dedup")?,
+                    hash: u64_at(&v, 8, "dedup")?,
+                    server_time_ms: i64_at(&v, 16, "dedup")?,
+                })
+            })
+            .transpose()
+    }
+
+    fn conflicts(
+        &self,
+        branch: &BranchKey,
+        status: Option<ConflictStatus>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.scan(CONFLICT, branch).rev() {
+            if out.len() >= limit {
+                break;
+            }
+            let (_, v) = kv?;
+            let record: ConflictRecord = decode(&v, "conflict")?;
+            if status.is_none_or(|s| s == record.status) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    fn conflict(
+        &self,
+        branch: &BranchKey,
+        id: &Uuid,
+    ) -> Result<Option<ConflictRecord>, StoreError> {
+        self.tree
+            .get(key(CONFLICT, branch, id.as_bytes()))?
+            .map(|v| decode(&v, "conflict"))
+            .transpose()
+    }
+
+    fn branches(&self) -> Result<Vec<BranchKey>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([META]) {
+            let (k, _) = kv?;
+            if let Some((branch, _)) = BranchKey::decode(&k[1..]) {
+                out.push(branch);
+            }
+        }
+        Ok(out)
+    }
+
+    fn last_seq_before(
+        &self,
+        branch: &BranchKey,
+        cutoff_ms: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        // Server times grow with seq, so the events before the cutoff are a prefix of the log.
+        let mut last = None;
+        for kv in self.scan(EVENT, branch) {
+            let (k, v) = kv?;
+            if i64_at(&v, 0, "event")? >= cutoff_ms {
+                break;
+            }
+            last = Some(u64_at(&k, k.len() - 8, "event key")?);
+        }
+        Ok(last)
+    }
+
+    fn trim(&self, branch: &BranchKey, floor: u64) -> Result<u64, StoreError> {
+        // The floor moves first (durably): a reader that finds a hole below it resyncs rather
+        // than serving a partial page.
+        self.tree
+            .insert(key(FLOOR, branch, &[]), &floor.to_be_bytes())?;
+        self.db.flush()?;
+        let end = key(EVENT, branch, &floor.to_be_bytes());
+        let mut removed = 0;
+        let mut batch = sled::Batch::default();
+        for kv in self.tree.range(key(EVENT, branch, &[])..=end) {
+            let (k, _) = kv?;
+            batch.remove(k);
+            removed += 1;
+            if removed % 10_000 == 0 {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    fn expire_dedup(&self, branch: &BranchKey, cutoff_ms: UnixMillis) -> Result<u64, StoreError> {
+        let mut removed = 0;
+        let mut batch = sled::Batch::default();
+        for kv in self.scan(DEDUP, branch) {
+            let (k, v) = kv?;
+            if i64_at(&v, 16, "dedup")? < cutoff_ms {
+                batch.remove(k);
+                removed += 1;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(removed)
+    }
+
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branch(t: &str, b: &str) -> BranchKey {
+        BranchKey::new(Name::new(t).unwrap(), Name::new(b).unwrap())
+    }
+
+    #[test]
+    fn branch_keys_are_prefix_free_and_round_trip() {
+        let a = branch("acme", "b1");
+        let b = branch("acme", "b10");
+        assert!(!b.encode().starts_with(&a.encode()));
+        let encoded = a.encode();
+        let (decoded, rest) = BranchKey::decode(&encoded).unwrap();
+        assert_eq!(decoded, a);
+        assert!(rest.is_empty());
+        assert_eq!(BranchKey::parse("acme/b1").unwrap(), a);
+        assert!(BranchKey::parse("acme").is_err());
+    }
+
+    #[test]
+    fn epoch_is_made_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = branch("acme", "b1");
+        let first = {
+            let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+            log.open_branch(&b).unwrap().epoch
+        };
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        assert_eq!(log.open_branch(&b).unwrap().epoch, first);
+        assert_ne!(log.open_branch(&branch("acme", "b2")).unwrap().epoch, first);
+        assert_eq!(log.branches().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn reads_return_ranges_in_order_and_trim_moves_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let b = Arc::new(branch("acme", "b1"));
+        log.open_branch(&b).unwrap();
+        let ops: Vec<Op> = (1..=300u64)
+            .map(|seq| Op::Event {
+                branch: b.clone(),
+                seq,
+                server_time_ms: 1_000 + seq as i64,
+                bytes: Bytes::from(seq.to_string()),
+            })
+            .chain([Op::Head {
+                branch: b.clone(),
+                head: 300,
+            }])
+            .collect();
+        log.commit(&ops, true).unwrap();
+        let got = log.read_events(&b, 255, 300, 10).unwrap();
+        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
+        assert_eq!(
+            seqs,
+            (256..=265).collect::<Vec<_>>(),
+            "no lexicographic surprise at 255/256"
+        );
+        assert_eq!(got[0].bytes, Bytes::from("256"));
+        assert_eq!(
+            log.read_events(&b, 298, 299, 10).unwrap().len(),
+            1,
+            "until is inclusive"
+        );
+        assert_eq!(log.last_seq_before(&b, 1_101).unwrap(), Some(100));
+        assert_eq!(log.trim(&b, 100).unwrap(), 100);
+        let loaded = log.open_branch(&b).unwrap();
+        assert_eq!((loaded.head, loaded.floor), (300, 100));
+        assert_eq!(log.read_events(&b, 0, 300, 1).unwrap()[0].seq, 101);
+    }
+}

@@ -1,0 +1,412 @@
+//! The server: the hub's shared state, the accept loop with its limits, and shutdown.
+//!
+//! [`run`] takes a bound listener, a [`Config`] and a shutdown future: the binary passes
+//! Ctrl-C/SIGTERM, tests pass a oneshot. On shutdown the hub stops accepting, tells every
+//! session (which answers its pending publishes and closes with `shutting_down`), waits for
+//! connections, then for the branch writers to hand over their last commits, and for the
+//! committer's final flush.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use branchline_protocol::{ErrorCode, Name, UnixMillis, now_ms};
+use dashmap::DashMap;
+use governor::{Quota, RateLimiter};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+use crate::auth::TokenKeys;
+use crate::branch::{Branches, WriterCtx};
+use crate::commit::Committer;
+use crate::config::{Config, FsyncMode};
+use crate::log::{EventLog, SledLog, StoreError};
+use crate::metrics::Metrics;
+use crate::room::{Rooms, SessionCtl};
+use crate::snapshot::Snapshots;
+use crate::state::Policies;
+
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    /// The configuration is not usable.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// An I/O failure (starting the committer thread, binding).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the parts of a running hub share.
+pub struct Hub {
+    /// The configuration it was started with.
+    pub config: Config,
+    /// Token keys.
+    pub keys: TokenKeys,
+    /// The replay log.
+    pub log: Arc<dyn EventLog>,
+    /// Open branches and their writers.
+    pub branches: Branches,
+    /// Live sessions per branch.
+    pub rooms: Arc<Rooms>,
+    /// Snapshots being paged through.
+    pub snapshots: Snapshots,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Set once a store write failed.
+    pub failed: Arc<AtomicBool>,
+    /// Cancelled when the hub shuts down.
+    pub shutdown: CancellationToken,
+    /// Connection and session tasks.
+    pub conns: TaskTracker,
+    writers: TaskTracker,
+    device_sessions: DashMap<(Name, Name), Vec<Arc<SessionCtl>>>,
+    committer: std::sync::Mutex<Option<Committer>>,
+    last_dedup_expiry: std::sync::Mutex<UnixMillis>,
+}
+
+impl Hub {
+    /// Opens the store and starts the committer.
+    pub fn open(config: Config) -> Result<Arc<Self>, HubError> {
+        let secret = config
+            .token_secret
+            .clone()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                HubError::Config(
+                    "a token secret is required (BRANCHLINE_TOKEN_SECRET, or --dev)".into(),
+                )
+            })?;
+        config.conflicts.validate().map_err(HubError::Config)?;
+        std::fs::create_dir_all(&config.data_dir)?;
+        let log: Arc<dyn EventLog> = Arc::new(SledLog::open(
+            &config.data_dir,
+            config.store_cache_bytes,
+            config.fsync,
+        )?);
+        Self::with_log(config, &secret, log)
+    }
+
+    /// A hub over an already opened log (tests wrap the store to inject faults).
+    pub fn with_log(
+        config: Config,
+        secret: &str,
+        log: Arc<dyn EventLog>,
+    ) -> Result<Arc<Self>, HubError> {
+        let metrics = Arc::new(Metrics::new());
+        let rooms = Arc::new(Rooms::default());
+        let failed = Arc::new(AtomicBool::new(false));
+        let durable = config.fsync == FsyncMode::Always;
+        let (committer, sender) = Committer::start(
+            log.clone(),
+            rooms.clone(),
+            metrics.clone(),
+            durable,
+            failed.clone(),
+        )?;
+        let writers = TaskTracker::new();
+        let branches = Branches::new(WriterCtx {
+            log: log.clone(),
+            committer: sender,
+            policies: Policies::from(&config.conflicts),
+            failed: failed.clone(),
+            metrics: metrics.clone(),
+            tracker: writers.clone(),
+        });
+        if let FsyncMode::Interval(d) = config.fsync {
+            tracing::warn!(
+                interval = %humantime::format_duration(d),
+                "fsync is by interval: a crash may lose up to one interval of acknowledged events"
+            );
+        }
+        Ok(Arc::new(Self {
+            keys: TokenKeys::new(secret.as_bytes()),
+            config,
+            log,
+            branches,
+            rooms,
+            snapshots: Snapshots::default(),
+            metrics,
+            failed,
+            shutdown: CancellationToken::new(),
+            conns: TaskTracker::new(),
+            writers,
+            device_sessions: DashMap::new(),
+            committer: std::sync::Mutex::new(Some(committer)),
+            last_dedup_expiry: std::sync::Mutex::new(now_ms()),
+        }))
+    }
+
+    /// Whether the hub accepts writes: its store is healthy and it is not shutting down.
+    pub fn ready(&self) -> Result<(), (ErrorCode, &'static str)> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err((
+                ErrorCode::StorageUnavailable,
+                "a store write failed; restart the hub after fixing the disk",
+            ));
+        }
+        if self.shutdown.is_cancelled() {
+            return Err((ErrorCode::ShuttingDown, "the hub is shutting down"));
+        }
+        Ok(())
+    }
+
+    /// Records a new session of `device`; closes the device's oldest sessions past the limit.
+    pub fn register_session(&self, tenant: &Name, device: &Name, ctl: Arc<SessionCtl>) {
+        let max = self.config.limits.max_sessions_per_device.max(1);
+        let mut list = self
+            .device_sessions
+            .entry((tenant.clone(), device.clone()))
+            .or_default();
+        list.push(ctl);
+        while list.len() > max {
+            let oldest = list.remove(0);
+            oldest.close(
+                ErrorCode::SessionReplaced,
+                "the device opened a newer session",
+            );
+        }
+    }
+
+    /// Forgets a session of `device`.
+    pub fn unregister_session(&self, tenant: &Name, device: &Name, id: Uuid) {
+        let key = (tenant.clone(), device.clone());
+        if let Some(mut list) = self.device_sessions.get_mut(&key) {
+            list.retain(|c| c.id != id);
+        }
+        self.device_sessions
+            .remove_if(&key, |_, list| list.is_empty());
+    }
+
+    /// One retention pass over every branch: trims by count and age, and (at most hourly, or
+    /// when `dedup` is set) expires old dedup entries.
+    pub async fn run_retention(self: &Arc<Self>, dedup: bool) -> Result<(), StoreError> {
+        let hub = self.clone();
+        let now = now_ms();
+        let expire_dedup = {
+            let mut last = self
+                .last_dedup_expiry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = dedup || now - *last >= 3_600_000;
+            if due {
+                *last = now;
+            }
+            due
+        };
+        let opened = self.branches.opened();
+        tokio::task::spawn_blocking(move || {
+            let retention = &hub.config.retention;
+            let age = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            for key in hub.log.branches()? {
+                let handle = opened.iter().find(|h| *h.shared.key == key);
+                let loaded;
+                let (head, floor) = match handle {
+                    Some(h) => (h.shared.committed(), h.shared.floor()),
+                    None => {
+                        loaded = hub.log.open_branch(&key)?;
+                        (loaded.head, loaded.floor)
+                    }
+                };
+                let by_count = head.saturating_sub(retention.max_events);
+                let by_age = hub.log.last_seq_before(&key, now.saturating_sub(age(retention.max_age)))?.unwrap_or(0);
+                let new_floor = by_count.max(by_age).min(head);
+                if new_floor > floor {
+                    if let Some(h) = handle {
+                        h.shared.set_floor(new_floor);
+                    }
+                    let removed = hub.log.trim(&key, new_floor)?;
+                    tracing::info!(branch = %key, floor = new_floor, removed, "retention trimmed the log");
+                }
+                if expire_dedup {
+                    hub.log.expire_dedup(&key, now.saturating_sub(age(retention.dedup_window)))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|_| StoreError::Failed)?
+    }
+
+    /// Stops everything, in order, within the configured grace.
+    async fn stop(&self) {
+        let grace = self.config.shutdown_grace;
+        self.shutdown.cancel();
+        self.conns.close();
+        if tokio::time::timeout(grace, self.conns.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the shutdown grace");
+        }
+        self.branches.close();
+        self.writers.close();
+        if tokio::time::timeout(grace, self.writers.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("branch writers still busy after the shutdown grace");
+        }
+        let committer = self
+            .committer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(committer) = committer {
+            let join = tokio::task::spawn_blocking(move || committer.join());
+            if tokio::time::timeout(grace, join).await.is_err() {
+                tracing::warn!("the committer did not finish within the shutdown grace");
+            }
+        }
+        if let Err(e) = self.log.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+    }
+}
+
+/// Held by a connection (and, after an upgrade, by its session) for as long as it is open.
+#[derive(Clone)]
+pub struct ConnGuard {
+    _inner: Arc<ConnInner>,
+}
+
+struct ConnInner {
+    _permit: Option<OwnedSemaphorePermit>,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ConnInner {
+    fn drop(&mut self) {
+        self.metrics.connections.decrement(1.0);
+    }
+}
+
+/// Runs a hub on `listener` until `shutdown` resolves, then shuts it down gracefully.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), HubError> {
+    let hub = Hub::open(config)?;
+    serve(hub, listener, shutdown).await;
+    Ok(())
+}
+
+/// Serves an opened hub until `shutdown` resolves.
+pub async fn serve(
+    hub: Arc<Hub>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) {
+    let app = crate::http::router(hub.clone());
+    let overloaded = crate::http::overloaded();
+    let limits = &hub.config.limits;
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let per_second =
+        |n: u32| std::num::NonZeroU32::new(n.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+    let rate = RateLimiter::direct(
+        Quota::per_second(per_second(limits.connection_rate))
+            .allow_burst(per_second(limits.connection_burst)),
+    );
+    hub.writers.spawn(maintenance(hub.clone()));
+    tokio::pin!(shutdown);
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(5);
+                    conn
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, backoff = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let permit = permits.clone().try_acquire_owned().ok();
+        let admitted = permit.is_some() && rate.check().is_ok();
+        hub.metrics.connections.increment(1.0);
+        let guard = ConnGuard {
+            _inner: Arc::new(ConnInner {
+                _permit: permit,
+                metrics: hub.metrics.clone(),
+            }),
+        };
+        let router = if admitted {
+            app.clone()
+        } else {
+            hub.metrics.refused_connections.increment(1);
+            overloaded.clone()
+        };
+        hub.conns
+            .spawn(connection(stream, router, guard, hub.shutdown.clone()));
+    }
+    drop(listener);
+    hub.stop().await;
+}
+
+async fn connection(
+    stream: TcpStream,
+    router: axum::Router,
+    guard: ConnGuard,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
+        req.extensions_mut().insert(guard.clone());
+        router.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Some(Duration::from_secs(10)))
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        result = conn.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        }
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+/// Periodic upkeep: metrics, snapshot expiry and retention.
+async fn maintenance(hub: Arc<Hub>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut retention = tokio::time::interval(hub.config.retention.interval);
+    loop {
+        tokio::select! {
+            _ = hub.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                hub.metrics.upkeep();
+                hub.metrics.rooms.set(hub.rooms.len() as f64);
+                hub.snapshots.sweep();
+            }
+            _ = retention.tick() => {
+                if let Err(e) = hub.run_retention(false).await {
+                    tracing::error!(error = %e, "retention pass failed");
+                }
+            }
+        }
+    }
+}

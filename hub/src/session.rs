@@ -1,0 +1,871 @@
+//! One WebSocket session: hello, subscriptions, publishes, and delivery.
+//!
+//! A session is one task. It reads frames, hands publishes to branch writers (keeping up to
+//! `max_inflight_publishes` answers pending, in order), and writes: every frame it has to send
+//! is fed to the socket and flushed once per round, never per message.
+//!
+//! **Delivery.** For each followed branch the session keeps `delivered`, the last seq sent.
+//! Live batches from the room are sent only if they continue exactly from `delivered`. When
+//! they cannot — the subscription starts behind the head, the room cut the session over
+//! because its queue was full, or anything else left a gap — the branch is *catching up*: the
+//! session reads the log from `delivered` up to the committed head in chunks, drops the live
+//! batches that arrive meanwhile (they are in the log too), and when it reaches the head sends
+//! `caught_up` and goes back to live batches. Because the committer publishes a head before it
+//! fans the events out, and the session joins the room before it reads the head, nothing is
+//! lost or repeated in the hand-over (PROTOCOL.md §8).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use branchline_protocol::http::PushResult;
+use branchline_protocol::{
+    BranchStart, CaughtUp, ClientFrame, CloseCode, Codec, DecodeError, Devices, ErrorCode,
+    ErrorFrame, Hello, Name, Pong, Presence, PresenceChange, Publish, Rejected, ResyncReason,
+    ResyncRequired, Role, ServerFrame, StartMode, Subscription, Unsubscribe, Welcome, now_ms,
+};
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
+use futures::{FutureExt, SinkExt, StreamExt};
+use governor::{Quota, RateLimiter};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::auth::Claims;
+use crate::branch::{BranchHandle, BranchShared, writer_gone};
+use crate::log::BranchKey;
+use crate::room::{Member, Outbound, SessionCtl, events_message};
+use crate::server::{ConnGuard, Hub};
+
+/// Outbound messages taken per round before writing, so one busy room cannot starve the
+/// socket's reads.
+const DRAIN: usize = 256;
+/// Most bytes of events in one replay frame.
+const REPLAY_FRAME_BYTES: usize = 1 << 20;
+/// A client silent for this many heartbeats is closed.
+const IDLE_HEARTBEATS: u32 = 3;
+/// Last-seen times are refreshed at most this often per session.
+const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A fatal error: sent as an `error` frame, then the matching close code.
+struct Fatal {
+    code: ErrorCode,
+    message: String,
+}
+
+impl Fatal {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+type Limiter = RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    governor::clock::DefaultClock,
+>;
+
+struct Sub {
+    handle: Arc<BranchHandle>,
+    member: Arc<Member>,
+    delivered: u64,
+    catching_since: Option<Instant>,
+}
+
+struct Session {
+    hub: Arc<Hub>,
+    codec: Codec,
+    claims: Claims,
+    ctl: Arc<SessionCtl>,
+    tx: mpsc::Sender<Outbound>,
+    rx: mpsc::Receiver<Outbound>,
+    subs: HashMap<Name, Sub>,
+    inflight: FuturesOrdered<BoxFuture<'static, PushResult>>,
+    out: Vec<Message>,
+    limiter: Limiter,
+    offset_ms: i64,
+    last_heard: Instant,
+    last_touch: Instant,
+    delivered_events: u64,
+}
+
+/// Serves one upgraded WebSocket until it closes.
+pub async fn run(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>, conn: ConnGuard) {
+    let hello = match read_hello(&mut ws, codec, &hub).await {
+        Some(Ok(hello)) => hello,
+        Some(Err(fatal)) => {
+            close(&mut ws, codec, &fatal, false).await;
+            return;
+        }
+        None => return,
+    };
+    let received_ms = now_ms();
+    let claims = match admit(&hub, &hello) {
+        Ok(claims) => claims,
+        Err(fatal) => {
+            close(&mut ws, codec, &fatal, false).await;
+            return;
+        }
+    };
+    hub.metrics.sessions.increment(1.0);
+    let mut session = Session::new(
+        hub.clone(),
+        codec,
+        claims,
+        received_ms - hello.client_time_ms,
+    );
+    hub.register_session(
+        &session.claims.tenant,
+        &session.claims.device,
+        session.ctl.clone(),
+    );
+    let result = session.start(hello.subscriptions).await;
+    let fatal = match result {
+        Ok(()) => session.serve(&mut ws).await,
+        Err(fatal) => Some(fatal),
+    };
+    if let Some(fatal) = fatal {
+        session.out.clear();
+        close(&mut ws, codec, &fatal, true).await;
+    }
+    session.finish();
+    hub.unregister_session(
+        &session.claims.tenant,
+        &session.claims.device,
+        session.ctl.id,
+    );
+    hub.metrics.sessions.decrement(1.0);
+    drop(conn);
+}
+
+/// Reads the first frame, which must be a `hello`; `None` if the client went away.
+async fn read_hello(ws: &mut WebSocket, codec: Codec, hub: &Hub) -> Option<Result<Hello, Fatal>> {
+    let deadline = tokio::time::sleep(hub.config.limits.hello_timeout);
+    tokio::pin!(deadline);
+    loop {
+        let msg = tokio::select! {
+            _ = &mut deadline => {
+                return Some(Err(Fatal::new(ErrorCode::BadHello, "no hello within the deadline")));
+            }
+            _ = hub.shutdown.cancelled() => {
+                return Some(Err(Fatal::new(ErrorCode::ShuttingDown, "the hub is shutting down")));
+            }
+            msg = ws.next() => msg,
+        };
+        let bytes = match msg? {
+            Ok(Message::Binary(b)) if codec == Codec::MsgPack => b,
+            Ok(Message::Text(t)) if codec == Codec::Json => bytes::Bytes::from(t),
+            Ok(Message::Binary(_) | Message::Text(_)) => {
+                return Some(Err(Fatal::new(
+                    ErrorCode::BadHello,
+                    wrong_message_kind(codec),
+                )));
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            Ok(Message::Close(_)) => return None,
+            Err(e) => return too_big(&e).map(Err),
+        };
+        return Some(match codec.decode_client_frame(&bytes) {
+            Ok(ClientFrame::Hello(hello)) => Ok(hello),
+            Ok(other) => Err(Fatal::new(
+                ErrorCode::BadHello,
+                format!("the first frame must be a hello, not {}", other.type_name()),
+            )),
+            Err(e) => Err(Fatal::new(
+                ErrorCode::BadHello,
+                format!("the hello does not decode: {e}"),
+            )),
+        });
+    }
+}
+
+/// `Some(message_too_big)` if a read failed because the frame was over the limit.
+fn too_big(e: &axum::Error) -> Option<Fatal> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(tungstenite::Error::Capacity(cap)) = err.downcast_ref::<tungstenite::Error>() {
+            return Some(Fatal::new(ErrorCode::MessageTooBig, cap.to_string()));
+        }
+        source = err.source();
+    }
+    None
+}
+
+use tokio_tungstenite::tungstenite;
+
+fn wrong_message_kind(codec: Codec) -> String {
+    match codec {
+        Codec::MsgPack => "this session speaks MessagePack: send binary messages".into(),
+        Codec::Json => "this session speaks JSON: send text messages".into(),
+    }
+}
+
+/// Checks version, token, tenant, device and branches of a hello.
+fn admit(hub: &Hub, hello: &Hello) -> Result<Claims, Fatal> {
+    branchline_protocol::check_version(hello.protocol)
+        .map_err(|m| Fatal::new(ErrorCode::UnsupportedVersion, m))?;
+    let claims = hub
+        .keys
+        .verify(&hello.token)
+        .map_err(|e| Fatal::new(e.code(), e.to_string()))?;
+    if claims.tenant != hello.tenant {
+        return Err(Fatal::new(
+            ErrorCode::Forbidden,
+            format!("the token is for tenant {}", claims.tenant),
+        ));
+    }
+    if claims.device != hello.device {
+        return Err(Fatal::new(
+            ErrorCode::Forbidden,
+            format!("the token is for device {}", claims.device),
+        ));
+    }
+    for sub in &hello.subscriptions {
+        claims
+            .check_branch(&hello.tenant, &sub.branch)
+            .map_err(|e| Fatal::new(e.code(), e.to_string()))?;
+    }
+    Ok(claims)
+}
+
+/// Sends an `error` frame and a close frame, best effort.
+async fn close(ws: &mut WebSocket, codec: Codec, fatal: &Fatal, after_hello: bool) {
+    let frame = ServerFrame::Error(ErrorFrame {
+        code: fatal.code,
+        message: fatal.message.clone(),
+        fatal: true,
+    });
+    if let Some(msg) = encode(codec, &frame) {
+        let _ = ws.feed(msg).await;
+    }
+    let mut reason = fatal.message.clone();
+    // A close reason is at most 123 bytes.
+    while reason.len() > 120 {
+        reason.pop();
+    }
+    let close = CloseFrame {
+        code: CloseCode::for_error(fatal.code, after_hello).as_u16(),
+        reason: reason.into(),
+    };
+    let _ = ws.feed(Message::Close(Some(close))).await;
+    let _ = ws.flush().await;
+}
+
+fn encode(codec: Codec, frame: &ServerFrame) -> Option<Message> {
+    match codec.encode(frame) {
+        Ok(bytes) if codec.is_binary() => Some(Message::Binary(bytes)),
+        Ok(bytes) => axum::extract::ws::Utf8Bytes::try_from(bytes)
+            .ok()
+            .map(Message::Text),
+        Err(e) => {
+            tracing::error!(error = %e, frame = frame.type_name(), "cannot encode a frame");
+            None
+        }
+    }
+}
+
+fn per_second(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n.max(1)).unwrap_or(std::num::NonZeroU32::MIN)
+}
+
+impl Session {
+    fn new(hub: Arc<Hub>, codec: Codec, claims: Claims, offset_ms: i64) -> Self {
+        let limits = &hub.config.limits;
+        let ctl = Arc::new(SessionCtl::new(
+            Uuid::now_v7(),
+            limits.session_queue_events,
+            &hub.shutdown,
+        ));
+        let (tx, rx) = mpsc::channel(limits.session_queue_events.max(1));
+        let quota = Quota::per_second(per_second(limits.publish_rate))
+            .allow_burst(per_second(limits.publish_burst));
+        Self {
+            codec,
+            claims,
+            ctl,
+            tx,
+            rx,
+            subs: HashMap::new(),
+            inflight: FuturesOrdered::new(),
+            out: Vec::new(),
+            limiter: RateLimiter::direct(quota),
+            offset_ms,
+            last_heard: Instant::now(),
+            last_touch: Instant::now(),
+            delivered_events: 0,
+            hub,
+        }
+    }
+
+    fn push(&mut self, frame: &ServerFrame) {
+        if let Some(msg) = encode(self.codec, frame) {
+            self.out.push(msg);
+        }
+    }
+
+    fn key(&self, branch: &Name) -> BranchKey {
+        BranchKey::new(self.claims.tenant.clone(), branch.clone())
+    }
+
+    /// Subscribes the hello's branches and sends `welcome`.
+    async fn start(&mut self, subscriptions: Vec<Subscription>) -> Result<(), Fatal> {
+        let mut starts = Vec::with_capacity(subscriptions.len());
+        for sub in subscriptions {
+            starts.push(
+                self.subscribe(sub)
+                    .await
+                    .map_err(|(code, m)| Fatal::new(code, m))?,
+            );
+        }
+        let branches = starts.iter().map(|(start, _)| start.clone()).collect();
+        let welcome = ServerFrame::Welcome(Welcome {
+            protocol: branchline_protocol::PROTOCOL_VERSION,
+            session_id: self.ctl.id,
+            server_time_ms: now_ms(),
+            heartbeat_ms: u64::try_from(self.hub.config.limits.heartbeat.as_millis())
+                .unwrap_or(u64::MAX),
+            max_frame_bytes: self.hub.config.limits.max_frame_bytes as u64,
+            role: self.claims.role,
+            branches,
+        });
+        self.push(&welcome);
+        for (start, resync) in starts {
+            self.after_start(&start, resync);
+        }
+        Ok(())
+    }
+
+    /// Starts following a branch: joins its room first, then decides from the committed head
+    /// how the client is brought up to date.
+    async fn subscribe(
+        &mut self,
+        sub: Subscription,
+    ) -> Result<(BranchStart, Option<ResyncRequired>), (ErrorCode, String)> {
+        self.claims
+            .check_branch(&self.claims.tenant, &sub.branch)
+            .map_err(|e| (e.code(), e.to_string()))?;
+        if self.subs.contains_key(&sub.branch) {
+            self.unsubscribe(&sub.branch);
+        }
+        let key = self.key(&sub.branch);
+        let handle = self
+            .hub
+            .branches
+            .get(&key)
+            .await
+            .map_err(|e| (e.code(), e.to_string()))?;
+        let shared = handle.shared.clone();
+        let member = Arc::new(Member::new(
+            self.ctl.clone(),
+            self.claims.device.clone(),
+            self.claims.role,
+            self.tx.clone(),
+        ));
+        self.hub.rooms.join(&shared.key, member.clone());
+        let committed = shared.committed();
+        let floor = shared.floor();
+        let (mode, delivered) = match sub.from {
+            None => (StartMode::Live, committed),
+            Some(p) if p.epoch != shared.epoch => (StartMode::ResyncRequired, 0),
+            Some(p) if p.seq > committed || p.seq < floor => (StartMode::ResyncRequired, 0),
+            Some(p) if p.seq == committed => (StartMode::Live, p.seq),
+            Some(p) => (StartMode::Replay, p.seq),
+        };
+        let start = BranchStart {
+            branch: sub.branch.clone(),
+            epoch: shared.epoch,
+            head: committed,
+            floor,
+            mode,
+            last_device_seq: shared.last_device_seq(&self.claims.device),
+        };
+        if mode == StartMode::ResyncRequired {
+            self.hub.rooms.leave(&shared.key, self.ctl.id);
+            let reason = match sub.from {
+                Some(p) if p.epoch != shared.epoch => ResyncReason::EpochMismatch,
+                Some(p) if p.seq > committed => ResyncReason::AheadOfHead,
+                _ => ResyncReason::BelowFloor,
+            };
+            let resync = ResyncRequired {
+                branch: sub.branch,
+                reason,
+                epoch: shared.epoch,
+                head: committed,
+                floor,
+            };
+            return Ok((start, Some(resync)));
+        }
+        let catching_since = (mode == StartMode::Replay).then(Instant::now);
+        self.subs.insert(
+            sub.branch.clone(),
+            Sub {
+                handle,
+                member,
+                delivered,
+                catching_since,
+            },
+        );
+        if shared.session_joined(&self.claims.device, self.claims.role) {
+            self.presence(&shared, PresenceChange::Joined);
+        }
+        Ok((start, None))
+    }
+
+    /// The frames that follow a branch start.
+    fn after_start(&mut self, start: &BranchStart, resync: Option<ResyncRequired>) {
+        match start.mode {
+            StartMode::ResyncRequired => {
+                if let Some(resync) = resync {
+                    self.push(&ServerFrame::ResyncRequired(resync));
+                }
+            }
+            StartMode::Live => {
+                self.push(&ServerFrame::CaughtUp(CaughtUp {
+                    branch: start.branch.clone(),
+                    epoch: start.epoch,
+                    seq: start.head,
+                }));
+            }
+            StartMode::Replay => {}
+        }
+        if start.mode != StartMode::ResyncRequired && self.claims.role == Role::Admin {
+            if let Some(sub) = self.subs.get(&start.branch) {
+                let shared = &sub.handle.shared;
+                let devices = ServerFrame::Devices(Devices {
+                    branch: start.branch.clone(),
+                    head: shared.committed(),
+                    devices: shared.devices(),
+                });
+                self.push(&devices);
+            }
+        }
+    }
+
+    fn unsubscribe(&mut self, branch: &Name) -> bool {
+        let Some(sub) = self.subs.remove(branch) else {
+            return false;
+        };
+        let shared = &sub.handle.shared;
+        self.hub.rooms.leave(&shared.key, self.ctl.id);
+        if shared.session_left(&self.claims.device) {
+            self.presence(shared, PresenceChange::Left);
+        }
+        true
+    }
+
+    /// Tells the admins following `branch` that this device joined or left it.
+    fn presence(&self, shared: &BranchShared, change: PresenceChange) {
+        let Some(device) = shared.device_info(&self.claims.device) else {
+            return;
+        };
+        let frame = ServerFrame::Presence(Presence {
+            branch: shared.key.branch.clone(),
+            change,
+            device,
+        });
+        for admin in self.hub.rooms.admins(&shared.key) {
+            if admin.ctl.id != self.ctl.id {
+                admin.send_frame(frame.clone());
+            }
+        }
+    }
+
+    /// The main loop; returns the fatal error that ended it, if any.
+    async fn serve(&mut self, ws: &mut WebSocket) -> Option<Fatal> {
+        let heartbeat = self.hub.config.limits.heartbeat;
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let max_inflight = self.hub.config.limits.max_inflight_publishes;
+        let mut closing = false;
+        loop {
+            if !self.out.is_empty() {
+                if let Err(e) = self.write(ws).await {
+                    tracing::debug!(error = %e, "session write failed");
+                    return None;
+                }
+            }
+            if closing && self.inflight.is_empty() {
+                let (code, message) = self.ctl.reason();
+                return Some(Fatal::new(code, message));
+            }
+            let catching = self.subs.values().any(|s| s.catching_since.is_some());
+            let can_read = !closing && self.inflight.len() < max_inflight;
+            tokio::select! {
+                biased;
+                _ = self.ctl.cancelled(), if !closing => closing = true,
+                Some(answer) = self.inflight.next(), if !self.inflight.is_empty() => {
+                    let frame = match answer {
+                        PushResult::Accepted(a) => ServerFrame::Accepted(a),
+                        PushResult::Rejected(r) => ServerFrame::Rejected(r),
+                    };
+                    self.push(&frame);
+                }
+                msg = ws.next(), if can_read => match msg {
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        match self.incoming(msg).await {
+                            Ok(true) => {}
+                            Ok(false) => return None,
+                            Err(fatal) => return Some(fatal),
+                        }
+                    }
+                    Some(Err(e)) => return too_big(&e),
+                    None => return None,
+                },
+                Some(out) = self.rx.recv() => {
+                    self.outbound(out);
+                    for _ in 0..DRAIN {
+                        match self.rx.try_recv() {
+                            Ok(out) => self.outbound(out),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if self.last_heard.elapsed() > heartbeat * IDLE_HEARTBEATS {
+                        self.ctl.close(ErrorCode::IdleTimeout, "nothing heard from the client for three heartbeats");
+                    } else {
+                        self.out.push(Message::Ping(bytes::Bytes::new()));
+                    }
+                }
+                _ = std::future::ready(()), if catching => self.catch_up_step(),
+            }
+            self.check_lagging();
+        }
+    }
+
+    async fn write(&mut self, ws: &mut WebSocket) -> Result<(), axum::Error> {
+        for msg in self.out.drain(..) {
+            ws.feed(msg).await?;
+        }
+        ws.flush().await?;
+        if self.delivered_events > 0 {
+            self.hub.metrics.deliveries.increment(self.delivered_events);
+            self.delivered_events = 0;
+        }
+        Ok(())
+    }
+
+    /// Handles one message from the client; `Ok(false)` when it closed.
+    async fn incoming(&mut self, msg: Message) -> Result<bool, Fatal> {
+        let bytes = match msg {
+            Message::Binary(b) if self.codec == Codec::MsgPack => b,
+            Message::Text(t) if self.codec == Codec::Json => bytes::Bytes::from(t),
+            Message::Binary(_) | Message::Text(_) => {
+                let frame = ServerFrame::Error(ErrorFrame {
+                    code: ErrorCode::Malformed,
+                    message: wrong_message_kind(self.codec),
+                    fatal: false,
+                });
+                self.push(&frame);
+                return Ok(true);
+            }
+            Message::Ping(_) | Message::Pong(_) => return Ok(true),
+            Message::Close(_) => return Ok(false),
+        };
+        self.touch();
+        let frame = match self.codec.decode_client_frame(&bytes) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.undecodable(&bytes, &e);
+                return Ok(true);
+            }
+        };
+        match frame {
+            ClientFrame::Publish(publish) => self.publish(publish).await,
+            ClientFrame::Subscribe(sub) => match self.subscribe(sub).await {
+                Ok((start, resync)) => {
+                    self.push(&ServerFrame::Subscribed(start.clone()));
+                    self.after_start(&start, resync);
+                }
+                Err((code, message)) => self.error(code, message),
+            },
+            ClientFrame::Unsubscribe(u) => {
+                self.unsubscribe(&u.branch);
+                self.push(&ServerFrame::Unsubscribed(Unsubscribe { branch: u.branch }));
+            }
+            ClientFrame::Ack(ack) => match self.subs.get(&ack.branch) {
+                Some(sub) if sub.handle.shared.epoch == ack.epoch => {
+                    sub.handle
+                        .shared
+                        .ack(&self.claims.device, ack.seq.min(sub.delivered));
+                }
+                Some(_) => self.error(ErrorCode::ProtocolViolation, "ack of another epoch"),
+                None => self.error(
+                    ErrorCode::ProtocolViolation,
+                    format!("ack for {}, which this session does not follow", ack.branch),
+                ),
+            },
+            ClientFrame::ListDevices(list) => self.list_devices(&list.branch).await,
+            ClientFrame::Ping(ping) => {
+                let now = now_ms();
+                self.offset_ms = now - ping.client_time_ms;
+                self.push(&ServerFrame::Pong(Pong {
+                    nonce: ping.nonce,
+                    client_time_ms: ping.client_time_ms,
+                    server_time_ms: now,
+                }));
+            }
+            ClientFrame::Hello(_) => self.error(
+                ErrorCode::ProtocolViolation,
+                "the session already said hello",
+            ),
+        }
+        Ok(true)
+    }
+
+    fn error(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.push(&ServerFrame::Error(ErrorFrame {
+            code,
+            message: message.into(),
+            fatal: false,
+        }));
+    }
+
+    /// A frame that did not decode: a publish gets a `rejected` (in order with the other
+    /// answers), anything else a non-fatal `error`.
+    fn undecodable(&mut self, bytes: &[u8], e: &DecodeError) {
+        let value: Option<serde_json::Value> = self.codec.decode(bytes).ok();
+        let field = |name: &str| {
+            value
+                .as_ref()
+                .and_then(|v| v.get(name))
+                .and_then(|v| v.as_str())
+        };
+        if field("type") == Some("publish") {
+            let rejected = PushResult::Rejected(Rejected {
+                event_id: field("event_id").and_then(|s| Uuid::parse_str(s).ok()),
+                branch: field("branch").and_then(|s| Name::new(s).ok()),
+                code: e.code(),
+                message: e.to_string(),
+                expected_device_seq: None,
+                conflict: None,
+            });
+            self.inflight
+                .push_back(futures::future::ready(rejected).boxed());
+        } else {
+            self.error(e.code(), e.to_string());
+        }
+    }
+
+    async fn publish(&mut self, publish: Publish) {
+        let refuse = |code: ErrorCode, message: String, p: &Publish| {
+            futures::future::ready(PushResult::Rejected(Rejected {
+                event_id: Some(p.event_id),
+                branch: Some(p.branch.clone()),
+                code,
+                message,
+                expected_device_seq: None,
+                conflict: None,
+            }))
+            .boxed()
+        };
+        if self.limiter.check().is_err() {
+            let answer = refuse(
+                ErrorCode::RateLimited,
+                "too many publishes; slow down".into(),
+                &publish,
+            );
+            self.inflight.push_back(answer);
+            return;
+        }
+        if let Err(e) = self
+            .claims
+            .check_branch(&self.claims.tenant, &publish.branch)
+        {
+            let answer = refuse(e.code(), e.to_string(), &publish);
+            self.inflight.push_back(answer);
+            return;
+        }
+        let handle = match self.hub.branches.get(&self.key(&publish.branch)).await {
+            Ok(handle) => handle,
+            Err(e) => {
+                let answer = refuse(e.code(), e.to_string(), &publish);
+                self.inflight.push_back(answer);
+                return;
+            }
+        };
+        let (event_id, branch) = (publish.event_id, publish.branch.clone());
+        let rx = handle
+            .submit(publish, self.claims.device.clone(), self.offset_ms)
+            .await;
+        self.inflight.push_back(
+            rx.map(move |r| r.unwrap_or_else(|_| writer_gone(Some(event_id), &branch)))
+                .boxed(),
+        );
+    }
+
+    async fn list_devices(&mut self, branch: &Name) {
+        if let Err(e) = self
+            .claims
+            .require_admin()
+            .and_then(|()| self.claims.check_branch(&self.claims.tenant, branch))
+        {
+            self.error(e.code(), e.to_string());
+            return;
+        }
+        match self.hub.branches.get(&self.key(branch)).await {
+            Ok(handle) => {
+                let frame = ServerFrame::Devices(Devices {
+                    branch: branch.clone(),
+                    head: handle.shared.committed(),
+                    devices: handle.shared.devices(),
+                });
+                self.push(&frame);
+            }
+            Err(e) => self.error(e.code(), e.to_string()),
+        }
+    }
+
+    fn touch(&mut self) {
+        if self.last_touch.elapsed() >= TOUCH_EVERY {
+            self.last_touch = Instant::now();
+            for sub in self.subs.values() {
+                sub.handle.shared.touch(&self.claims.device);
+            }
+        }
+    }
+
+    fn outbound(&mut self, out: Outbound) {
+        match out {
+            Outbound::Frame(frame) => self.push(&frame),
+            Outbound::Live(batch) => {
+                self.ctl.consumed(batch.len());
+                let codec = self.codec;
+                let Some(sub) = self.subs.get_mut(&batch.branch.branch) else {
+                    return;
+                };
+                if sub.catching_since.is_some() || batch.last() <= sub.delivered {
+                    return; // catch-up reads these from the log, or they were sent already
+                }
+                if batch.first() > sub.delivered + 1 {
+                    // A gap: never expected, but the log closes it.
+                    sub.catching_since = Some(Instant::now());
+                    return;
+                }
+                let msg = if batch.first() == sub.delivered + 1 {
+                    batch.message(codec)
+                } else {
+                    batch.message_after(sub.delivered, codec)
+                };
+                if let Some(msg) = msg {
+                    self.delivered_events += batch.last() - sub.delivered;
+                    sub.delivered = batch.last();
+                    self.out.push(msg);
+                }
+            }
+        }
+    }
+
+    /// Branches the room cut over (queue full) start catching up from the log.
+    fn check_lagging(&mut self) {
+        for sub in self.subs.values_mut() {
+            if sub.member.take_lagging() && sub.catching_since.is_none() {
+                sub.catching_since = Some(Instant::now());
+                self.hub.metrics.catchups.increment(1);
+            }
+        }
+    }
+
+    /// Sends one chunk of the log to one branch that is catching up.
+    fn catch_up_step(&mut self) {
+        let limits = &self.hub.config.limits;
+        let (chunk, too_slow_after) = (limits.replay_chunk_events, limits.too_slow_after);
+        let Some(name) = self
+            .subs
+            .iter()
+            .find(|(_, s)| s.catching_since.is_some())
+            .map(|(n, _)| n.clone())
+        else {
+            return;
+        };
+        let codec = self.codec;
+        let Some(sub) = self.subs.get_mut(&name) else {
+            return;
+        };
+        let shared = sub.handle.shared.clone();
+        let committed = shared.committed();
+        if sub.delivered >= committed {
+            sub.catching_since = None;
+            let caught = ServerFrame::CaughtUp(CaughtUp {
+                branch: name,
+                epoch: shared.epoch,
+                seq: sub.delivered,
+            });
+            self.push(&caught);
+            return;
+        }
+        if sub
+            .catching_since
+            .is_some_and(|t| t.elapsed() > too_slow_after)
+        {
+            self.hub.metrics.too_slow.increment(1);
+            self.ctl.close(
+                ErrorCode::TooSlow,
+                "the session could not keep up with its branches; reconnect and resume",
+            );
+            sub.catching_since = None;
+            return;
+        }
+        let delivered = sub.delivered;
+        let events = if delivered < shared.floor() {
+            Ok(Vec::new())
+        } else {
+            self.hub
+                .log
+                .read_events(&shared.key, delivered, committed, chunk)
+        };
+        let mut events = match events {
+            Ok(events) => events,
+            Err(e) => {
+                tracing::error!(error = %e, branch = %shared.key, "replay read failed");
+                self.ctl
+                    .close(ErrorCode::Internal, "the log cannot be read");
+                return;
+            }
+        };
+        // One replay frame carries at most REPLAY_FRAME_BYTES (and at least one event).
+        let mut bytes = 0;
+        if let Some(cut) = events.iter().position(|e| {
+            bytes += e.bytes.len();
+            bytes > REPLAY_FRAME_BYTES
+        }) {
+            events.truncate(cut.max(1));
+        }
+        let contiguous = events.first().is_some_and(|e| e.seq == delivered + 1)
+            && events.windows(2).all(|w| w[1].seq == w[0].seq + 1);
+        if !contiguous {
+            // Retention trimmed what this session still needed.
+            self.unsubscribe(&name);
+            let resync = ServerFrame::ResyncRequired(ResyncRequired {
+                branch: name,
+                reason: ResyncReason::BelowFloor,
+                epoch: shared.epoch,
+                head: committed,
+                floor: shared.floor(),
+            });
+            self.push(&resync);
+            return;
+        }
+        let last = events.last().map_or(delivered, |e| e.seq);
+        if let Some(msg) = events_message(codec, &name, shared.epoch, &events) {
+            self.out.push(msg);
+            sub.delivered = last;
+            let n = last - delivered;
+            self.delivered_events += n;
+            self.hub.metrics.replayed.increment(n);
+        }
+    }
+
+    /// Leaves every room and tells admins.
+    fn finish(&mut self) {
+        let branches: Vec<Name> = self.subs.keys().cloned().collect();
+        for branch in branches {
+            self.unsubscribe(&branch);
+        }
+    }
+}
