@@ -1,6 +1,119 @@
 //! # branchline-client
 //!
-//! placeholder
+//! The Branchline client SDK: what a cashier app links to record sales offline in
+//! microseconds, never lose or double one, stay current live over a WebSocket, fall back to
+//! HTTP polling when the socket cannot be held, and tell the user honestly how sync stands.
+//!
+//! ## Example: record a sale offline, come online, see it sequenced
+//!
+//! ```
+//! use branchline_client::protocol::{EventBody, Name, SaleLine, SaleRecorded, Sku};
+//! use branchline_client::{ClientOptions, SyncState, Update};
+//! use futures::StreamExt;
+//! # use branchline_hub::test_util::TestHub;
+//! # #[tokio::main]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let hub = TestHub::start().await;
+//! # let token = hub.token("acme", &["berlin-01"], "till-1", branchline_client::protocol::Role::Cashier);
+//! # let dir = tempfile::tempdir()?;
+//! # let store_dir = dir.path();
+//! # let url = hub.http_url();
+//!
+//! // Options, then connect: returns at once, even with no network.
+//! let client = ClientOptions::new()
+//!     .token(token)            // its claims name the tenant, device and branches
+//!     .store(store_dir)        // the durable outbox and replica live here
+//!     .connect(&url)
+//!     .await?;
+//! let mut updates = client.events();
+//!
+//! // Recording a sale is a local, durable write: it works offline.
+//! let sale = client
+//!     .publish(EventBody::SaleRecorded(SaleRecorded {
+//!         sale_id: "T1-000482".into(),
+//!         lines: vec![SaleLine {
+//!             sku: Sku::new("COFFEE-250G")?,
+//!             qty: 2,
+//!             unit_price: 899,
+//!             discount: 0,
+//!         }],
+//!         total: 1798,
+//!         tax: 164,
+//!         currency: "EUR".into(),
+//!         payments: vec![],
+//!     }))
+//!     .await?;
+//! let branch = Name::new("berlin-01")?;
+//! // Read-your-writes: the replica shows the sale before the hub has it.
+//! let coffee = client.stock(&branch, &Sku::new("COFFEE-250G")?)?.expect("a level");
+//! assert_eq!(coffee.on_hand, -2);
+//!
+//! // Once online, the background task sends it; it comes back sequenced, in order.
+//! loop {
+//!     match updates.next().await.expect("the client is running") {
+//!         Update::Event(e) if e.event_id == sale.event_id => {
+//!             println!("sale sequenced at {}", e.position());
+//!             break;
+//!         }
+//!         other => println!("{other}"),
+//!     }
+//! }
+//! let status = client.status().borrow().clone();
+//! println!("{status}"); // e.g. "live, 0 pending"
+//! assert_eq!(status.state, SyncState::Live);
+//! client.shutdown().await?;
+//! # hub.stop().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Map
+//! - [`ClientOptions`] (`options`): every setting with its default; [`connect`] is the
+//!   shorthand.
+//! - [`Client`] (`client`): the cheap, clonable handle. Publishing writes the local store
+//!   directly (under a short mutex) and wakes the background task; everything else reads the
+//!   store or talks to the task over channels.
+//! - `engine`: the one background task that owns the transport. WebSocket sessions
+//!   (`ws`) resume every followed branch from its stored position; after
+//!   [`ClientOptions::websocket_failures_before_polling`] failures it switches to HTTP
+//!   long polling and batch push (`http`) and probes the socket to go back.
+//! - `publisher`: drains one branch's outbox as a pipelined window, handles the hub's answers
+//!   (quarantine, renumbering, backoff) the same way for both transports.
+//! - `store`: sled, one tree, key prefixes: outbox, quarantine, `device_seq` counters,
+//!   positions, the replica and a local log of applied updates. An applied event moves the
+//!   position, the replica, the local log and retires its outbox entry in one atomic batch.
+//! - [`replica`]: read-your-writes overlay of pending events on the confirmed replica.
+//! - [`status`]: [`SyncStatus`] (a `watch`) and [`ClientEvent`] notifications.
+//! - [`Backoff`]: pluggable retry delays; capped exponential with full jitter by default.
+//! - `clock`: device-to-hub clock offset, used to stamp events.
+//!
+//! ## Data flow
+//! `publish` → outbox (sled, flushed) → task sends `publish` frames (or a batch push) →
+//! `accepted` marks the entry; the sequenced `event` arrives → applied to the replica by its
+//! `effect` and the position advanced, atomically → appended to the local log →
+//! [`Client::events`] streams yield it.
+//!
+//! ## Guarantees and limits
+//! - **Nothing lost**: `publish` returns after the outbox write is flushed to disk
+//!   ([`ClientOptions::durable_publish`]). Entries leave the outbox only when their event is
+//!   in the replica (or, for branches not followed, when the hub accepted them).
+//! - **Nothing doubled**: retries reuse the `event_id`; the hub answers a retry with the
+//!   original seq. Renumbering (after a quarantine, `out_of_order` or `device_seq_reused`)
+//!   changes `device_seq` only, never the `event_id`.
+//! - **In order, gap-free**: events are applied only as `seq = position + 1`; a gap or an
+//!   epoch change drops the connection and resumes from the stored position.
+//! - **Quarantine**: an event the hub refuses permanently ([`protocol::ErrorCode::is_permanent`])
+//!   is set aside; the events behind it are renumbered and go on. The app lists it with
+//!   [`Client::quarantined`] and retries or drops it.
+//! - **Resync**: a branch the hub cannot resume is rebuilt from a paged snapshot (held in
+//!   memory until complete, then written in one batch: sized for catalogs of up to a few
+//!   hundred thousand SKUs). The outbox is kept.
+//! - **One store, one client**: a store directory is locked by the client that opened it.
+//!   [`EventStream`]s keep the store open until they are dropped.
+//! - The replica's pending overlay is an estimate (see [`replica`]); the confirmed state is
+//!   exactly the hub's.
+//! - Plain `http://`/`ws://` only: the SDK is built without TLS (terminate TLS in front of
+//!   the hub, or on a local proxy).
 #![warn(missing_docs)]
 
 pub mod backoff;
