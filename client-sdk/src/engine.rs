@@ -141,6 +141,19 @@ impl Engine {
             .or_insert_with(|| Publisher::new(branch.clone()))
     }
 
+    /// Followed branches whose outbox waits: while a branch has no position yet or is being
+    /// rebuilt from a snapshot, its publishes are held back, so that they are sequenced after
+    /// the snapshot and come back through the event stream like every later event.
+    fn held_branches(&self) -> HashSet<Name> {
+        let mut held = self.resyncing.clone();
+        for b in &self.shared.followed {
+            if !matches!(self.shared.store.cursor(b), Ok(Some(_))) {
+                held.insert(b.clone());
+            }
+        }
+        held
+    }
+
     fn set_mode(&mut self, mode: SyncState) {
         self.mode = mode;
         self.refresh_status();
@@ -425,7 +438,11 @@ impl Engine {
         let end = loop {
             // Fill the publish windows.
             let now = Instant::now();
-            for p in self.publishers.values_mut() {
+            let held = self.held_branches();
+            for (b, p) in &mut self.publishers {
+                if held.contains(b) {
+                    continue;
+                }
                 for e in p.take(&self.shared.store, opts.publish_window, now) {
                     s.out.push(ClientFrame::Publish(e.to_publish()));
                 }
@@ -521,7 +538,10 @@ impl Engine {
         let store = Arc::clone(&self.shared.store);
         self.publisher(&branch)
             .set_last_device_seq(&store, start.last_device_seq)?;
-        if start.mode != StartMode::ResyncRequired {
+        if start.mode == StartMode::ResyncRequired {
+            // The resync_required frame follows; start now so publishing holds from here.
+            self.start_snapshot(s, branch);
+        } else {
             s.subscribed.insert(branch);
         }
         Ok(())
@@ -821,7 +841,11 @@ impl Engine {
             if push.is_none() {
                 let now = Instant::now();
                 let batch = if push_single { 1 } else { opts.push_batch };
+                let held = self.held_branches();
                 for branch in store.outbox_branches() {
+                    if held.contains(&branch) {
+                        continue;
+                    }
                     let events = self.publisher(&branch).take(&store, batch, now);
                     if !events.is_empty() {
                         let n = events.len();

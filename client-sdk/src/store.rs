@@ -775,3 +775,186 @@ fn remove_entry(inner: &mut Inner, branch: &Name, order: u64) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use branchline_protocol::{Custom, Effect, Epoch};
+
+    fn b() -> Name {
+        Name::new("b1").unwrap()
+    }
+
+    fn sku(s: &str) -> Sku {
+        Sku::new(s).unwrap()
+    }
+
+    fn event(epoch: u64, seq: u64, stock: &[(&str, i64)], id: Uuid) -> Event {
+        Event {
+            branch: b(),
+            epoch: Epoch(epoch),
+            seq,
+            event_id: id,
+            device: Name::new("till-1").unwrap(),
+            device_seq: seq,
+            client_time_ms: 0,
+            server_time_ms: 0,
+            base_seq: None,
+            base_version: None,
+            body: EventBody::Custom(Custom {
+                custom_type: "t".into(),
+                data: serde_json::Value::Null,
+            }),
+            effect: Effect {
+                stock: stock
+                    .iter()
+                    .map(|(s, n)| StockLevel::new(sku(s), *n))
+                    .collect(),
+                product: None,
+                conflict: None,
+            },
+        }
+    }
+
+    fn ev(seq: u64, on_hand: i64) -> Event {
+        event(7, seq, &[("A", on_hand)], Uuid::now_v7())
+    }
+
+    #[test]
+    fn events_apply_in_order_skipping_duplicates_and_stopping_at_gaps() {
+        let s = Store::temporary(100).unwrap();
+        s.apply_snapshot(&b(), Position::new(Epoch(7), 0), &[], &[])
+            .unwrap();
+        let a = s.apply_events(&b(), vec![ev(1, 5), ev(2, 4)]).unwrap();
+        assert_eq!(a.updates.len(), 2);
+        assert_eq!(a.position, Some(Position::new(Epoch(7), 2)));
+        // A replayed duplicate is skipped; a gap stops the run before it.
+        let a = s
+            .apply_events(&b(), vec![ev(2, 4), ev(3, 3), ev(5, 1)])
+            .unwrap();
+        assert_eq!((a.duplicates, a.updates.len()), (1, 1));
+        assert_eq!(a.gap, Some((4, 5)));
+        assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(7), 3)));
+        assert_eq!(
+            s.confirmed_stock(&b(), &sku("A")).unwrap().unwrap().on_hand,
+            3
+        );
+        // Another epoch is never applied.
+        let a = s
+            .apply_events(&b(), vec![event(8, 4, &[("A", 0)], Uuid::now_v7())])
+            .unwrap();
+        assert!(a.epoch_mismatch && a.updates.is_empty());
+        assert_eq!(
+            s.confirmed_stock(&b(), &sku("A")).unwrap().unwrap().on_hand,
+            3
+        );
+    }
+
+    #[test]
+    fn events_before_the_first_snapshot_are_refused() {
+        let s = Store::temporary(100).unwrap();
+        let a = s.apply_events(&b(), vec![ev(1, 5)]).unwrap();
+        assert!(a.epoch_mismatch && a.updates.is_empty());
+        assert_eq!(s.cursor(&b()).unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn an_applied_own_event_retires_its_outbox_entry_atomically() {
+        let s = Store::temporary(100).unwrap();
+        s.apply_snapshot(&b(), Position::new(Epoch(7), 0), &[], &[])
+            .unwrap();
+        let e = s
+            .record(
+                &b(),
+                EventBody::Custom(Custom {
+                    custom_type: "t".into(),
+                    data: serde_json::Value::Null,
+                }),
+                None,
+                None,
+                0,
+            )
+            .await
+            .unwrap();
+        s.mark_accepted(e.event_id, Position::new(Epoch(7), 1), true)
+            .unwrap();
+        assert_eq!(
+            s.pending(&b()).len(),
+            1,
+            "kept until the event itself arrives"
+        );
+        assert_eq!(s.pending_stats().0, 0, "but no longer counted as pending");
+        s.apply_events(&b(), vec![event(7, 1, &[], e.event_id)])
+            .unwrap();
+        assert!(s.pending(&b()).is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_replaces_the_replica_and_the_local_log_trims_to_capacity() {
+        let s = Store::temporary(3).unwrap();
+        s.apply_snapshot(
+            &b(),
+            Position::new(Epoch(7), 0),
+            &[],
+            &[StockLevel::new(sku("OLD"), 1)],
+        )
+        .unwrap();
+        for seq in 1..=4 {
+            s.apply_events(&b(), vec![ev(seq, 10 - seq as i64)])
+                .unwrap();
+        }
+        assert_eq!(s.log_end() - s.log_start(), 3);
+        assert!(s.log_entry(s.log_start() - 1).unwrap().is_none());
+        let (_, u) = s
+            .apply_snapshot(
+                &b(),
+                Position::new(Epoch(9), 40),
+                &[],
+                &[StockLevel::new(sku("NEW"), 2)],
+            )
+            .unwrap();
+        assert!(matches!(u, Update::Resynced { .. }));
+        let levels = s.confirmed_stock_levels(&b()).unwrap();
+        assert_eq!(levels, vec![StockLevel::new(sku("NEW"), 2)]);
+        assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(9), 40)));
+    }
+
+    #[tokio::test]
+    async fn the_outbox_and_counters_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = || {
+            EventBody::Custom(Custom {
+                custom_type: "t".into(),
+                data: serde_json::Value::Null,
+            })
+        };
+        let ids: Vec<Uuid> = {
+            let s = Store::open(dir.path(), 10, true).unwrap();
+            let mut ids = Vec::new();
+            for _ in 0..3 {
+                ids.push(
+                    s.record(&b(), body(), None, None, 0)
+                        .await
+                        .unwrap()
+                        .event_id,
+                );
+            }
+            s.renumber(&b(), 41).unwrap();
+            ids
+        };
+        let s = Store::open(dir.path(), 10, true).unwrap();
+        let pending = s.pending(&b());
+        assert_eq!(pending.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
+        assert_eq!(
+            pending.iter().map(|e| e.device_seq).collect::<Vec<_>>(),
+            [41, 42, 43]
+        );
+        assert_eq!(
+            s.record(&b(), body(), None, None, 0)
+                .await
+                .unwrap()
+                .device_seq,
+            44
+        );
+    }
+}
