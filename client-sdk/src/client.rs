@@ -81,7 +81,8 @@ impl Client {
                 )));
             }
         }
-        let followed = match (&opts.branches, claims.branch_list()) {
+        let allowed = claims.branch_list();
+        let followed = match (&opts.branches, allowed.clone()) {
             (Some(b), _) => b.clone(),
             (None, Some(b)) => b,
             (None, None) => {
@@ -114,6 +115,7 @@ impl Client {
             device: claims.device,
             role: claims.role,
             followed,
+            allowed,
             token,
             http,
             status,
@@ -218,6 +220,11 @@ impl Client {
         body.validate(base.base_seq, base.base_version)
             .map_err(|e| Error::InvalidEvent(e.0))?;
         let shared = self.shared();
+        if shared.allowed.as_ref().is_some_and(|a| !a.contains(branch)) {
+            return Err(Error::Config(format!(
+                "the token does not allow publishing to branch {branch}"
+            )));
+        }
         let entry = shared
             .store
             .record(

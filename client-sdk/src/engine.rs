@@ -38,6 +38,8 @@ pub(crate) struct Shared {
     pub device: Name,
     pub role: Role,
     pub followed: Vec<Name>,
+    /// The branches the token allows (`None` for all of the tenant's).
+    pub allowed: Option<Vec<Name>>,
     pub token: Arc<RwLock<String>>,
     pub http: HttpApi,
     pub status: watch::Sender<SyncStatus>,

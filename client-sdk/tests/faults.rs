@@ -44,28 +44,14 @@ async fn a_thousand_events_through_random_cuts_are_sequenced_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
     // Cut each connection after a random amount of hub output: answers are lost after the
-    // hub made the events durable, in the middle of frames, during replay…
-    proxy.random_cuts(20_000);
+    // hub made the events durable, in the middle of frames, during replay… (The bound is
+    // above the size of one replay frame, so a connection can make progress at all.)
+    proxy.random_cuts(100_000);
     let client = opts(token, dir.path())
         .publish_window(64)
         .connect(&proxy.url())
         .await
         .unwrap();
-    let st = client.status();
-    tokio::spawn(async move {
-        let mut st = st;
-        while st.changed().await.is_ok() {
-            eprintln!("STATUS {}", *st.borrow());
-        }
-    });
-    let mut notes = client.notifications();
-    tokio::spawn(async move {
-        while let Some(n) = notes.next().await {
-            if !matches!(n, branchline_client::ClientEvent::Accepted { .. }) {
-                eprintln!("NOTE {n}");
-            }
-        }
-    });
     let mut ids = Vec::new();
     for n in 0..1000 {
         ids.push(client.publish(custom(n)).await.unwrap().event_id);

@@ -27,6 +27,22 @@ async fn a_sale_recorded_offline_is_sequenced_once_online() {
                  "total": 258, "currency": "EUR"}
     }))
     .unwrap();
+    // Refused locally, before taking a device_seq: an event the hub would reject as invalid,
+    // and a branch the token does not allow.
+    let empty_sale = serde_json::from_value(serde_json::json!({
+        "kind": "sale.recorded",
+        "body": {"sale_id": "T1-0", "lines": [], "total": 0, "currency": "EUR"}
+    }))
+    .unwrap();
+    assert!(matches!(
+        client.publish(empty_sale).await,
+        Err(branchline_client::Error::InvalidEvent(_))
+    ));
+    let elsewhere = branchline_client::protocol::Name::new("b2").unwrap();
+    assert!(matches!(
+        client.publish_to(&elsewhere, custom(0)).await,
+        Err(branchline_client::Error::Config(_))
+    ));
     let pending = client.publish(body).await.unwrap();
     assert_eq!(pending.device_seq, 1);
     assert_eq!(client.status().borrow().pending, 1);

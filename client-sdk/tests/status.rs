@@ -73,3 +73,51 @@ async fn status_transitions_are_reported_in_order_across_a_hub_restart() {
     till.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silently_dead_connection_is_detected_and_resumed() {
+    let hub = TestHub::start().await;
+    let proxy = Proxy::start(hub.addr()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    let till = opts(token, dir.path())
+        .idle_timeout(Duration::from_millis(500))
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    wait_for("live", Duration::from_secs(10), || async {
+        till.status().borrow().state == SyncState::Live
+            && till.position(&branch()).unwrap().is_some()
+    })
+    .await;
+    let mut notes = till.notifications();
+    // The network drops the connection without a FIN or RST: only silence tells.
+    proxy.stall_all();
+    let e = till.publish(custom(1)).await.unwrap();
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), notes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if matches!(n, ClientEvent::Disconnected { .. }) {
+            break;
+        }
+    }
+    wait_for(
+        "the event sequenced on a new connection",
+        Duration::from_secs(10),
+        || async {
+            till.position(&branch())
+                .unwrap()
+                .is_some_and(|p| p.seq == 1)
+                && till.pending().is_empty()
+        },
+    )
+    .await;
+    let log = hub_events(&hub, &admin_token(&hub)).await;
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].event_id, e.event_id);
+    proxy.cut_all();
+    till.shutdown().await.unwrap();
+    hub.stop().await;
+}

@@ -123,6 +123,7 @@ struct ProxyState {
     /// 0: off; else cut each connection after a random 0..n bytes from the hub.
     random_cut: AtomicU64,
     cuts: watch::Sender<u64>,
+    stalls: watch::Sender<u64>,
     connections: AtomicU64,
 }
 
@@ -131,12 +132,14 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (cuts, _) = watch::channel(0);
+        let (stalls, _) = watch::channel(0);
         let state = Arc::new(ProxyState {
             target: std::sync::Mutex::new(target),
             block_upgrades: AtomicBool::new(false),
             refuse_all: AtomicBool::new(false),
             random_cut: AtomicU64::new(0),
             cuts,
+            stalls,
             connections: AtomicU64::new(0),
         });
         let st = Arc::clone(&state);
@@ -164,6 +167,12 @@ impl Proxy {
     /// Drops every open connection now.
     pub fn cut_all(&self) {
         self.state.cuts.send_modify(|g| *g += 1);
+    }
+
+    /// Open connections stop forwarding in both directions but stay open, like a NAT that
+    /// silently forgot them; new connections work.
+    pub fn stall_all(&self) {
+        self.state.stalls.send_modify(|g| *g += 1);
     }
 
     /// Refuse (close) connections that ask for a WebSocket upgrade; plain HTTP passes.
@@ -200,6 +209,7 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
         return;
     }
     let mut cuts = st.cuts.subscribe();
+    let mut stalls = st.stalls.subscribe();
     let mut first = vec![0u8; 16 * 1024];
     let n = match client.read(&mut first).await {
         Ok(0) | Err(_) => return,
@@ -251,9 +261,14 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
             }
         }
     };
-    tokio::select! {
-        _ = up => {}
-        () = down => {}
-        _ = cuts.changed() => {}
+    let stalled = tokio::select! {
+        _ = up => false,
+        () = down => false,
+        _ = cuts.changed() => false,
+        _ = stalls.changed() => true,
+    };
+    if stalled {
+        // Hold both sockets open, forwarding nothing, until a cut.
+        let _ = cuts.changed().await;
     }
 }
