@@ -105,11 +105,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn sleeping_the_backoff_advances_paused_time_by_the_delay() {
-        let b = Backoff::constant(Duration::from_secs(3));
+    async fn a_thousand_tills_reconnecting_spread_over_the_window() {
+        // A hub restarts; a thousand tills each wait their jittered delay (on paused, virtual
+        // time) before reconnecting. Arrivals must spread evenly, not stampede.
+        let base = Duration::from_millis(250);
+        let cap = Duration::from_secs(30);
+        let attempt = 4; // bound 2 s
+        let bound = exponential_bound(base, cap, attempt);
+        let b = Backoff::exponential(base, cap);
         let start = tokio::time::Instant::now();
-        tokio::time::sleep(b.delay(1)).await;
-        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..1000 {
+            let (tx, delay) = (tx.clone(), b.delay(attempt));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = tx.send(start.elapsed());
+            });
+        }
+        drop(tx);
+        let mut buckets = [0u32; 10];
+        while let Some(at) = rx.recv().await {
+            assert!(at <= bound, "{at:?} past the bound {bound:?}");
+            let i = (at.as_secs_f64() / bound.as_secs_f64() * 10.0) as usize;
+            buckets[i.min(9)] += 1;
+        }
+        assert_eq!(buckets.iter().sum::<u32>(), 1000);
+        for (i, n) in buckets.iter().enumerate() {
+            assert!(
+                (50..=150).contains(n),
+                "window {i}: {n} of 1000 arrivals: {buckets:?}"
+            );
+        }
+        assert!(start.elapsed() <= bound);
     }
 
     #[test]

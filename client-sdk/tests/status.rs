@@ -121,3 +121,44 @@ async fn a_silently_dead_connection_is_detected_and_resumed() {
     till.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnects_follow_the_backoff_policy_attempt_by_attempt() {
+    // A port nobody listens on.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hub = TestHub::start().await;
+    let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    hub.stop().await;
+    let till = opts(token, dir.path())
+        .transport(branchline_client::Transport::WebSocketOnly)
+        .backoff(branchline_client::Backoff::from_fn(|attempt| {
+            Duration::from_millis(5 << attempt.min(5))
+        }))
+        .connect(&format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut notes = till.notifications();
+    let mut delays = Vec::new();
+    while delays.len() < 6 {
+        let n = tokio::time::timeout(Duration::from_secs(10), notes.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if let ClientEvent::Disconnected { retry_in, .. } = n {
+            delays.push(retry_in.as_millis());
+        }
+    }
+    // Attempts count up from wherever the listener joined; the curve doubles each time.
+    for w in delays.windows(2) {
+        assert!(w[1] == w[0] * 2 || w[1] == 160, "{delays:?}");
+    }
+    assert!(matches!(
+        till.status().borrow().state,
+        SyncState::Offline | SyncState::Connecting
+    ));
+    till.shutdown().await.unwrap();
+}
