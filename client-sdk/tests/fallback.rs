@@ -293,3 +293,56 @@ async fn a_device_behind_the_retention_floor_resyncs_and_still_delivers_its_outb
     other.shutdown().await.unwrap();
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_whose_store_was_lost_renumbers_and_loses_nothing() {
+    let hub = TestHub::start().await;
+    let proxy = Proxy::start(hub.addr()).await;
+    let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    let first = tempfile::tempdir().unwrap();
+    let till = opts(token.clone(), first.path())
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(till.publish(custom(n)).await.unwrap().event_id);
+    }
+    wait_for("drained", Duration::from_secs(10), || async {
+        till.status().borrow().pending == 0
+    })
+    .await;
+    till.shutdown().await.unwrap();
+    // The till is replaced (or its disk wiped): a fresh store records sales offline,
+    // numbering them from 1 again.
+    proxy.refuse_all(true);
+    let second = tempfile::tempdir().unwrap();
+    let till = opts(token, second.path())
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    let mut notes = till.notifications();
+    for n in 5..8 {
+        let e = till.publish(custom(n)).await.unwrap();
+        assert_eq!(e.device_seq, n - 4);
+        ids.push(e.event_id);
+    }
+    proxy.refuse_all(false);
+    wait_for("drained again", Duration::from_secs(10), || async {
+        till.status().borrow().pending == 0 && till.pending().is_empty()
+    })
+    .await;
+    let log = hub_events(&hub, &admin_token(&hub)).await;
+    assert_eq!(log.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
+    assert_eq!(
+        log.iter().map(|e| e.device_seq).collect::<Vec<_>>(),
+        (1..=8).collect::<Vec<_>>()
+    );
+    let mut renumbered = false;
+    while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(200), notes.next()).await {
+        renumbered |= matches!(n, ClientEvent::Renumbered { from: 6, .. });
+    }
+    assert!(renumbered, "the app was told");
+    till.shutdown().await.unwrap();
+    hub.stop().await;
+}
