@@ -188,7 +188,8 @@ impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path, log_capacity: u64, durable: bool) -> Result<Self> {
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+            // sled reports a held file lock as an `Other` I/O error with this text.
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
                 Error::StoreLocked {
                     path: path.display().to_string(),
                 }
@@ -917,6 +918,16 @@ mod tests {
         let levels = s.confirmed_stock_levels(&b()).unwrap();
         assert_eq!(levels, vec![StockLevel::new(sku("NEW"), 2)]);
         assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(9), 40)));
+    }
+
+    #[test]
+    fn a_store_in_use_is_reported_as_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = Store::open(dir.path(), 10, true).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), 10, true),
+            Err(Error::StoreLocked { .. })
+        ));
     }
 
     #[tokio::test]
