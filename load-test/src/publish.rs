@@ -1,0 +1,337 @@
+//! One device publishing to one branch: pacing, `device_seq`, and the answers.
+//!
+//! **Pacing.** [`Pace::Rate`] is open-loop: event `k` is *meant* to go out at
+//! `start + k / rate` and carries that instant as its stamp, so a hub (or harness) that falls
+//! behind shows up as latency instead of silently lowering the rate — the correction for
+//! coordinated omission. [`Pace::Window`] is closed-loop: keep `n` publishes unanswered, as
+//! fast as acks allow; its stamps are the real send times.
+//!
+//! **Answers.** The hub answers one session's publishes to one branch in order (PROTOCOL.md
+//! §7), so each answer must match the oldest unanswered publish. A `rate_limited` rejection
+//! does not use up its `device_seq`, and the publishes pipelined behind it come back
+//! `out_of_order`: the publisher counts them as rejected, waits until nothing is in flight,
+//! and continues from the `device_seq` the hub expects. Any other rejection is an error.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use branchline_protocol::{EncodeError, Name};
+use bytes::Bytes;
+use uuid::Uuid;
+
+use crate::clock;
+use crate::stats::{Latency, LatencyBuf, Stats};
+use crate::wire::{self, Payload};
+
+/// How a publisher paces itself.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Pace {
+    /// This many events per second, open loop.
+    Rate(f64),
+    /// Keep this many publishes unanswered, closed loop.
+    Window(usize),
+}
+
+/// The hub's default limit on one session's unanswered publishes; more only stalls its reads.
+pub const MAX_INFLIGHT: usize = 1_024;
+
+/// What a publisher needs to know.
+#[derive(Clone, Debug)]
+pub struct PublishPlan {
+    /// The branch.
+    pub branch: Name,
+    /// Pacing.
+    pub pace: Pace,
+    /// What each event carries.
+    pub payload: Payload,
+    /// The branch head as far as acks tell, shared by every publisher of the branch.
+    pub head: Arc<AtomicU64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    id: Uuid,
+    device_seq: u64,
+    stamp_ns: u64,
+}
+
+/// A publisher's state between frames.
+pub struct Publisher {
+    plan: PublishPlan,
+    device: Name,
+    stats: Arc<Stats>,
+    latency: LatencyBuf,
+    next_seq: u64,
+    inflight: VecDeque<Pending>,
+    /// Rate mode: when the schedule started and how many events it has emitted.
+    started_ns: Option<u64>,
+    scheduled: u64,
+    /// Set after a rejection: continue from this `device_seq` once nothing is in flight.
+    rewind_to: Option<u64>,
+    stopped: bool,
+}
+
+impl Publisher {
+    /// A publisher for `device` whose next `device_seq` is `next_seq`.
+    pub fn new(plan: PublishPlan, device: Name, next_seq: u64, stats: Arc<Stats>) -> Self {
+        Self {
+            latency: LatencyBuf::new(stats.clone(), Latency::Ack),
+            plan,
+            device,
+            stats,
+            next_seq,
+            inflight: VecDeque::new(),
+            started_ns: None,
+            scheduled: 0,
+            rewind_to: None,
+            stopped: false,
+        }
+    }
+
+    /// The branch published to.
+    pub fn branch(&self) -> &Name {
+        &self.plan.branch
+    }
+
+    /// Publishes waiting for their answer.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Stops emitting new publishes (answers are still taken).
+    pub fn stop(&mut self) {
+        self.stopped = true;
+    }
+
+    fn intended_ns(&self, k: u64) -> Option<u64> {
+        match (self.plan.pace, self.started_ns) {
+            (Pace::Rate(rate), Some(start)) if rate > 0.0 => {
+                Some(start + (k as f64 * 1e9 / rate) as u64)
+            }
+            _ => None,
+        }
+    }
+
+    /// When the next paced publish is due (harness clock), if the publisher is waiting for
+    /// time rather than for answers.
+    pub fn next_due(&self) -> Option<u64> {
+        if self.stopped || self.rewind_to.is_some() || self.inflight.len() >= MAX_INFLIGHT {
+            return None;
+        }
+        self.intended_ns(self.scheduled)
+    }
+
+    /// Encodes every publish due at `now_ns` into `out`.
+    pub fn fill(&mut self, now_ns: u64, out: &mut Vec<Bytes>) -> Result<(), EncodeError> {
+        if self.stopped || self.rewind_to.is_some() {
+            return Ok(());
+        }
+        self.started_ns.get_or_insert(now_ns);
+        loop {
+            let stamp_ns = match self.plan.pace {
+                Pace::Window(n) => {
+                    if self.inflight.len() >= n.min(MAX_INFLIGHT) {
+                        return Ok(());
+                    }
+                    now_ns
+                }
+                Pace::Rate(_) => {
+                    if self.inflight.len() >= MAX_INFLIGHT {
+                        return Ok(());
+                    }
+                    match self.intended_ns(self.scheduled) {
+                        Some(t) if t <= now_ns => t,
+                        _ => return Ok(()),
+                    }
+                }
+            };
+            let pending = Pending {
+                id: Uuid::now_v7(),
+                device_seq: self.next_seq,
+                stamp_ns,
+            };
+            let mut buf = Vec::with_capacity(128);
+            wire::publish(
+                &mut buf,
+                &self.plan.branch,
+                &self.device,
+                pending.id,
+                pending.device_seq,
+                stamp_ns,
+                &self.plan.payload,
+            )?;
+            out.push(Bytes::from(buf));
+            self.inflight.push_back(pending);
+            self.next_seq += 1;
+            self.scheduled += 1;
+        }
+    }
+
+    /// Takes the answer for `event_id` off the queue; answers come in publish order.
+    fn answered(&mut self, event_id: Option<&str>) -> Option<Pending> {
+        let id = event_id.and_then(|s| Uuid::parse_str(s).ok());
+        let front = self.inflight.front().copied();
+        match (front, id) {
+            (Some(p), Some(id)) if p.id == id => self.inflight.pop_front(),
+            (_, Some(id)) => {
+                self.stats.error(format!(
+                    "{}: answer for {id} out of publish order",
+                    self.device
+                ));
+                let at = self.inflight.iter().position(|p| p.id == id)?;
+                self.inflight.remove(at)
+            }
+            (_, None) => {
+                self.stats
+                    .error(format!("{}: answer without an event id", self.device));
+                self.inflight.pop_front()
+            }
+        }
+    }
+
+    fn settle(&mut self) {
+        if self.inflight.is_empty() {
+            if let Some(seq) = self.rewind_to.take() {
+                self.next_seq = seq;
+            }
+        }
+    }
+
+    /// `accepted` for `event_id` at `seq`, received at `now_ns`.
+    pub fn accepted(&mut self, event_id: Option<&str>, seq: u64, duplicate: bool, now_ns: u64) {
+        let Some(p) = self.answered(event_id) else {
+            return;
+        };
+        if duplicate {
+            // The harness never retries an event id, so a duplicate means the hub applied
+            // something twice or mixed up ids.
+            self.stats.error(format!(
+                "{}: accepted as duplicate though never sent before (device_seq {})",
+                self.device, p.device_seq
+            ));
+        } else {
+            self.stats.acked.fetch_add(1, Ordering::Relaxed);
+            self.latency.push(clock::micros_between(p.stamp_ns, now_ns));
+        }
+        self.plan.head.fetch_max(seq, Ordering::AcqRel);
+        self.settle();
+    }
+
+    /// `rejected` for `event_id` with `code`.
+    pub fn rejected(
+        &mut self,
+        event_id: Option<&str>,
+        code: &str,
+        expected: Option<u64>,
+        message: &str,
+    ) {
+        let Some(p) = self.answered(event_id) else {
+            return;
+        };
+        let pipelined_behind_a_rejection =
+            matches!(code, "out_of_order") && self.rewind_to.is_some();
+        if code == "rate_limited" || pipelined_behind_a_rejection {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.stats.error(format!(
+                "{}: publish device_seq {} rejected {code}: {message}",
+                self.device, p.device_seq
+            ));
+        }
+        let resume = expected.unwrap_or(p.device_seq);
+        self.rewind_to = Some(self.rewind_to.map_or(resume, |r| r.min(resume)));
+        self.settle();
+    }
+
+    /// Merges buffered latencies.
+    pub fn flush(&mut self) {
+        self.latency.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publisher(pace: Pace) -> (Publisher, Arc<Stats>) {
+        let stats = Arc::new(Stats::new());
+        let plan = PublishPlan {
+            branch: Name::new("b1").unwrap(),
+            pace,
+            payload: Payload::custom(0),
+            head: Arc::new(AtomicU64::new(0)),
+        };
+        let p = Publisher::new(plan, Name::new("p1").unwrap(), 1, stats.clone());
+        (p, stats)
+    }
+
+    fn ids(p: &Publisher) -> Vec<(String, u64)> {
+        p.inflight
+            .iter()
+            .map(|x| (x.id.to_string(), x.device_seq))
+            .collect()
+    }
+
+    #[test]
+    fn a_rate_is_paced_from_intended_times() {
+        let (mut p, _) = publisher(Pace::Rate(1_000.0));
+        let mut out = Vec::new();
+        p.fill(1_000_000_000, &mut out).unwrap();
+        assert_eq!(out.len(), 1, "the first event is due at once");
+        assert_eq!(p.next_due(), Some(1_001_000_000));
+        p.fill(1_010_500_000, &mut out).unwrap();
+        assert_eq!(out.len(), 11, "10.5 ms later ten more are due");
+        let stamps: Vec<u64> = p.inflight.iter().map(|x| x.stamp_ns).collect();
+        assert_eq!(stamps[10], 1_010_000_000, "stamped with the intended time");
+    }
+
+    #[test]
+    fn a_window_keeps_n_in_flight_and_acks_free_slots() {
+        let (mut p, stats) = publisher(Pace::Window(4));
+        let mut out = Vec::new();
+        p.fill(0, &mut out).unwrap();
+        assert_eq!(p.inflight(), 4);
+        let (id, _) = ids(&p)[0].clone();
+        p.accepted(Some(&id), 1, false, 2_000_000);
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 1);
+        assert_eq!(p.plan.head.load(Ordering::Relaxed), 1);
+        p.fill(0, &mut out).unwrap();
+        assert_eq!(out.len(), 5);
+        assert_eq!(ids(&p).last().unwrap().1, 5, "device_seq keeps counting");
+    }
+
+    #[test]
+    fn rate_limiting_rewinds_device_seq_without_errors() {
+        let (mut p, stats) = publisher(Pace::Window(3));
+        let mut out = Vec::new();
+        p.fill(0, &mut out).unwrap();
+        let sent = ids(&p);
+        p.accepted(Some(&sent[0].0), 1, false, 0);
+        p.rejected(Some(&sent[1].0), "rate_limited", None, "slow down");
+        assert_eq!(p.next_due(), None, "nothing new while answers are pending");
+        out.clear();
+        p.fill(0, &mut out).unwrap();
+        assert!(out.is_empty());
+        p.rejected(Some(&sent[2].0), "out_of_order", Some(2), "expected 2");
+        p.fill(0, &mut out).unwrap();
+        assert_eq!(
+            ids(&p)[0].1,
+            2,
+            "continues from the device_seq the hub expects"
+        );
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.failures(), 0);
+    }
+
+    #[test]
+    fn unexpected_rejections_and_duplicates_are_errors() {
+        let (mut p, stats) = publisher(Pace::Window(2));
+        let mut out = Vec::new();
+        p.fill(0, &mut out).unwrap();
+        let sent = ids(&p);
+        p.rejected(Some(&sent[0].0), "invalid_event", None, "bad");
+        p.accepted(Some(&sent[1].0), 9, true, 0);
+        assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
+    }
+}
