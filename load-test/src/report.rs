@@ -163,7 +163,7 @@ impl Report {
     pub fn table(&self) -> String {
         let mut rows: Vec<(&str, String)> = vec![
             ("scenario", format!("{} ({})", self.label, self.scenario)),
-            ("hub", self.hub.clone()),
+            ("target", self.hub.clone()),
             ("duration", format!("{:.2} s", self.duration_s)),
             ("connections", thousands(self.connections)),
         ];
@@ -190,7 +190,9 @@ impl Report {
                     thousands(self.publishes_rejected)
                 ),
             ));
-            rows.push(("ack latency ms", percentiles(self.ack_latency_ms.as_ref())));
+            if self.ack_latency_ms.is_some() {
+                rows.push(("ack latency ms", percentiles(self.ack_latency_ms.as_ref())));
+            }
         }
         if let Some(rate) = self.catchup_events_per_s {
             rows.push(("catch-up", format!("{}/s", thousands(rate.round() as u64))));

@@ -510,6 +510,7 @@ impl Env {
         self.stop_sessions().await;
         let hub_peak = self.hub.as_ref().map(|h| h.peak());
         let harness_rss = usage::sample(std::process::id()).ok().map(|u| u.rss_bytes);
+        let hub_description = self.target.describe();
         if let Some(hub) = self.target.spawned.take() {
             if let Err(e) = hub.stop().await {
                 self.stats.error(format!("{e:#}"));
@@ -525,7 +526,7 @@ impl Env {
             scenario: self.scenario.name().to_owned(),
             label: self.label,
             passed,
-            hub: self.target.describe(),
+            hub: hub_description,
             duration_s: m.duration.as_secs_f64(),
             connections: outcome.connections,
             deliveries: m.deliveries,
