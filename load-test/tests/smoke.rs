@@ -208,6 +208,8 @@ async fn broken_hub() -> String {
     format!("ws://{addr}/v1/ws")
 }
 
+// tungstenite's handshake callback type returns its large `ErrorResponse`; not ours to shrink.
+#[allow(clippy::result_large_err)]
 async fn broken_session(stream: tokio::net::TcpStream) {
     let select_msgpack = |_: &Request, mut response: Response| {
         response.headers_mut().insert(
