@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use branchline_protocol::{Name, Position, Welcome};
 use bytes::Bytes;
+use futures::future::BoxFuture;
 use futures::{FutureExt, SinkExt, StreamExt};
 use rand::Rng;
 use tokio::sync::watch;
@@ -150,7 +151,7 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, probe: Arc<Probe>) {
             &mut streams,
             publisher.as_mut(),
             &probe,
-            &mut signal,
+            &signal,
         )
         .await;
         probe.connected.store(false, Ordering::Release);
@@ -272,6 +273,18 @@ async fn connect_retrying(
     }
 }
 
+/// Resolves when the signal changes, handing the receiver back (`false`: the orchestrator is
+/// gone). Boxed and kept across loop turns, so the wait is not re-registered per frame.
+fn signal_changed(
+    mut rx: watch::Receiver<Signal>,
+) -> BoxFuture<'static, (watch::Receiver<Signal>, bool)> {
+    async move {
+        let alive = rx.changed().await.is_ok();
+        (rx, alive)
+    }
+    .boxed()
+}
+
 async fn session(
     shared: &Shared,
     plan: &Plan,
@@ -279,7 +292,7 @@ async fn session(
     streams: &mut Streams,
     mut publisher: Option<&mut Publisher>,
     probe: &Probe,
-    signal: &mut watch::Receiver<Signal>,
+    signal: &watch::Receiver<Signal>,
 ) -> Flow {
     let mut out: Vec<Bytes> = Vec::new();
     let mut acks = shared
@@ -298,6 +311,11 @@ async fn session(
             p.stop();
         }
     }
+    let mut changed = signal_changed(signal.clone());
+    // One timer for the publisher's next due event, re-armed only when that time changes.
+    let mut armed: Option<u64> = None;
+    let timer = tokio::time::sleep_until(Instant::now() + Duration::from_secs(3_600));
+    tokio::pin!(timer);
     loop {
         if let Some(p) = publisher.as_deref_mut() {
             if let Err(e) = p.fill(clock::now_ns(), &mut out) {
@@ -315,18 +333,22 @@ async fn session(
                 return Flow::Failed(format!("write failed: {e}"));
             }
         }
-        let due = publisher
-            .as_deref()
-            .and_then(Publisher::next_due)
-            .map(|ns| Instant::from_std(clock::instant_of(ns)));
-        let far = Instant::now() + Duration::from_secs(3_600);
+        let due = publisher.as_deref().and_then(Publisher::next_due);
+        if due.is_some() && due != armed {
+            if let Some(ns) = due {
+                timer
+                    .as_mut()
+                    .reset(Instant::from_std(clock::instant_of(ns)));
+            }
+        }
+        armed = due;
         tokio::select! {
             biased;
-            changed = signal.changed() => {
-                let s = match changed {
-                    Ok(()) => *signal.borrow_and_update(),
-                    Err(_) => return Flow::Stop,
-                };
+            (rx, alive) = &mut changed => {
+                if !alive {
+                    return Flow::Stop;
+                }
+                let s = *rx.borrow();
                 if s.stop {
                     return Flow::Stop;
                 }
@@ -338,11 +360,14 @@ async fn session(
                         p.stop();
                     }
                 }
+                changed = signal_changed(rx);
             }
             msg = ws.next() => {
                 let mut flow = handle(msg, shared, streams, publisher.as_deref_mut());
                 let mut n = 1;
-                while flow.is_none() && n < DRAIN {
+                // Take what else is ready, so a publisher answers a burst of acks with one
+                // flush.
+                while flow.is_none() && n < DRAIN && publisher.is_some() {
                     match ws.next().now_or_never() {
                         Some(msg) => flow = handle(msg, shared, streams, publisher.as_deref_mut()),
                         None => break,
@@ -354,7 +379,7 @@ async fn session(
                     return flow;
                 }
             }
-            () = tokio::time::sleep_until(due.unwrap_or(far)), if due.is_some() => {}
+            () = &mut timer, if armed.is_some() => armed = None,
             _ = async {
                 match acks.as_mut() {
                     Some(i) => i.tick().await,
@@ -449,6 +474,7 @@ fn frame(
                 f.code.unwrap_or("?"),
                 f.expected_device_seq,
                 f.message.unwrap_or(""),
+                now,
             ),
             None => stats.error("rejected without a publish".to_owned()),
         },

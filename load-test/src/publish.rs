@@ -10,7 +10,9 @@
 //! §7), so each answer must match the oldest unanswered publish. A `rate_limited` rejection
 //! does not use up its `device_seq`, and the publishes pipelined behind it come back
 //! `out_of_order`: the publisher counts them as rejected, waits until nothing is in flight,
-//! and continues from the `device_seq` the hub expects. Any other rejection is an error.
+//! backs off for [`RATE_LIMIT_PAUSE`] (as a real client would, instead of spinning on
+//! rejections) and continues from the `device_seq` the hub expects. Any other rejection is an
+//! error.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -35,6 +37,9 @@ pub enum Pace {
 
 /// The hub's default limit on one session's unanswered publishes; more only stalls its reads.
 pub const MAX_INFLIGHT: usize = 1_024;
+
+/// How long a publisher pauses after a `rate_limited` answer.
+pub const RATE_LIMIT_PAUSE: u64 = 50_000_000;
 
 /// What a publisher needs to know.
 #[derive(Clone, Debug)]
@@ -69,6 +74,8 @@ pub struct Publisher {
     scheduled: u64,
     /// Set after a rejection: continue from this `device_seq` once nothing is in flight.
     rewind_to: Option<u64>,
+    /// Set after `rate_limited`: no publish before this stamp.
+    paused_until: Option<u64>,
     stopped: bool,
 }
 
@@ -85,6 +92,7 @@ impl Publisher {
             started_ns: None,
             scheduled: 0,
             rewind_to: None,
+            paused_until: None,
             stopped: false,
         }
     }
@@ -119,6 +127,9 @@ impl Publisher {
         if self.stopped || self.rewind_to.is_some() || self.inflight.len() >= MAX_INFLIGHT {
             return None;
         }
+        if self.paused_until.is_some() {
+            return self.paused_until;
+        }
         self.intended_ns(self.scheduled)
     }
 
@@ -126,6 +137,11 @@ impl Publisher {
     pub fn fill(&mut self, now_ns: u64, out: &mut Vec<Bytes>) -> Result<(), EncodeError> {
         if self.stopped || self.rewind_to.is_some() {
             return Ok(());
+        }
+        match self.paused_until {
+            Some(until) if until > now_ns => return Ok(()),
+            Some(_) => self.paused_until = None,
+            None => {}
         }
         self.started_ns.get_or_insert(now_ns);
         loop {
@@ -218,20 +234,24 @@ impl Publisher {
         self.settle();
     }
 
-    /// `rejected` for `event_id` with `code`.
+    /// `rejected` for `event_id` with `code`, received at `now_ns`.
     pub fn rejected(
         &mut self,
         event_id: Option<&str>,
         code: &str,
         expected: Option<u64>,
         message: &str,
+        now_ns: u64,
     ) {
         let Some(p) = self.answered(event_id) else {
             return;
         };
         let pipelined_behind_a_rejection =
             matches!(code, "out_of_order") && self.rewind_to.is_some();
-        if code == "rate_limited" || pipelined_behind_a_rejection {
+        if code == "rate_limited" {
+            self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.paused_until = Some(now_ns + RATE_LIMIT_PAUSE);
+        } else if pipelined_behind_a_rejection {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
         } else {
             self.stats.error(format!(
@@ -330,7 +350,7 @@ mod tests {
         let mut out = Vec::new();
         p.fill(0, &mut out).unwrap();
         let sent = ids(&p);
-        p.rejected(Some(&sent[0].0), "invalid_event", None, "bad");
+        p.rejected(Some(&sent[0].0), "invalid_event", None, "bad", 0);
         p.accepted(Some(&sent[1].0), 9, true, 0);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 2);
     }
