@@ -328,13 +328,16 @@ mod tests {
         p.fill(0, &mut out).unwrap();
         let sent = ids(&p);
         p.accepted(Some(&sent[0].0), 1, false, 0);
-        p.rejected(Some(&sent[1].0), "rate_limited", None, "slow down");
+        p.rejected(Some(&sent[1].0), "rate_limited", None, "slow down", 0);
         assert_eq!(p.next_due(), None, "nothing new while answers are pending");
         out.clear();
         p.fill(0, &mut out).unwrap();
         assert!(out.is_empty());
-        p.rejected(Some(&sent[2].0), "out_of_order", Some(2), "expected 2");
-        p.fill(0, &mut out).unwrap();
+        p.rejected(Some(&sent[2].0), "out_of_order", Some(2), "expected 2", 0);
+        assert_eq!(p.next_due(), Some(RATE_LIMIT_PAUSE), "then it backs off");
+        p.fill(RATE_LIMIT_PAUSE - 1, &mut out).unwrap();
+        assert!(out.is_empty());
+        p.fill(RATE_LIMIT_PAUSE, &mut out).unwrap();
         assert_eq!(
             ids(&p)[0].1,
             2,
