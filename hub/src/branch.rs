@@ -179,13 +179,14 @@ impl BranchShared {
         });
     }
 
-    /// `device` reports having applied up to `seq`.
-    pub fn ack(&self, device: &Name, seq: u64) {
+    /// `device` reports having applied up to `seq` (an `ack` frame, or a poll from `seq`).
+    pub fn ack(&self, device: &Name, role: Role, seq: u64) {
         self.with_devices(|d| {
-            if let Some(s) = d.get_mut(device) {
-                s.acked_seq = Some(s.acked_seq.map_or(seq, |a| a.max(seq)));
-                s.last_seen_ms = now_ms();
-            }
+            let s = d
+                .entry(device.clone())
+                .or_insert_with(|| DeviceState::new(role));
+            s.acked_seq = Some(s.acked_seq.map_or(seq, |a| a.max(seq)));
+            s.last_seen_ms = now_ms();
         });
     }
 

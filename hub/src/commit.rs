@@ -122,10 +122,12 @@ fn run(
             ops.append(&mut item.ops);
         }
         let started = Instant::now();
-        let result = if ops.is_empty() {
-            Ok(())
-        } else if failed.load(Ordering::Acquire) {
+        // After a failure nothing is released, not even a round without writes: its head
+        // would include events of the failed commit that the writer still counts.
+        let result = if failed.load(Ordering::Acquire) {
             Err(None)
+        } else if ops.is_empty() {
+            Ok(())
         } else {
             log.commit(&ops, durable).map_err(Some)
         };

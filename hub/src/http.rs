@@ -278,7 +278,7 @@ async fn events(
     headers: HeaderMap,
     q: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let (_, key) = authorize(&hub, &headers, &tenant, &branch)?;
+    let (claims, key) = authorize(&hub, &headers, &tenant, &branch)?;
     let q = query(q, &headers)?;
     let shared = open(&hub, &key, &headers).await?.shared.clone();
     let limits = &hub.config.limits;
@@ -319,6 +319,8 @@ async fn events(
             &headers,
         ));
     }
+    // A poll from `after` says the device has applied everything up to it.
+    shared.ack(&claims.device, claims.role, q.after);
     if q.after == head && q.wait_ms > 0 {
         let wait = Duration::from_millis(q.wait_ms).min(limits.max_long_poll);
         let mut changes = shared.watch_head();

@@ -21,6 +21,8 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// Rooms (branches with at least one live session).
     pub rooms: Gauge,
+    /// Events queued for sessions (bounded by the per-session budget).
+    pub queued_events: Gauge,
     publishes_accepted: Counter,
     publishes_duplicate: Counter,
     publishes_rejected: Counter,
@@ -88,6 +90,10 @@ impl Metrics {
                 "Open connections (WebSocket and HTTP)",
             ),
             sessions: gauge("branchline_sessions", "Live WebSocket sessions"),
+            queued_events: gauge(
+                "branchline_queued_events",
+                "Events waiting in session queues",
+            ),
             rooms: gauge(
                 "branchline_rooms",
                 "Branches with at least one live session",

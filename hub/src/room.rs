@@ -145,6 +145,9 @@ pub enum Outbound {
     Live(Arc<LiveBatch>),
     /// A frame for this session (presence, for admins).
     Frame(Box<ServerFrame>),
+    /// A member of this session was cut over to catch-up: look at it even if nothing else is
+    /// queued (a single batch larger than the budget leaves the queue empty).
+    Wake,
 }
 
 /// What the rest of the hub can do to a session from outside it.
@@ -187,6 +190,11 @@ impl SessionCtl {
             branchline_protocol::ErrorCode::ShuttingDown,
             "the hub is shutting down".into(),
         ))
+    }
+
+    /// Events queued for the session now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 
     /// The session consumed `n` queued events.
@@ -232,7 +240,10 @@ impl Member {
         let queued = self.ctl.queued.fetch_add(n, Ordering::AcqRel) + n;
         if queued > self.ctl.budget || self.tx.try_send(Outbound::Live(batch.clone())).is_err() {
             self.ctl.queued.fetch_sub(n, Ordering::AcqRel);
-            self.lagging.store(true, Ordering::Release);
+            if !self.lagging.swap(true, Ordering::AcqRel) {
+                // If this fails the queue is full, and the session is busy with it anyway.
+                let _ = self.tx.try_send(Outbound::Wake);
+            }
         }
     }
 
@@ -305,6 +316,21 @@ impl Rooms {
                 .cloned()
                 .collect()
         })
+    }
+
+    /// Events waiting in the queues of every session of every room (each session counted
+    /// once): what slow consumers currently cost.
+    pub fn queued_events(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0;
+        for room in self.map.iter() {
+            for member in room.members().iter() {
+                if seen.insert(member.ctl.id) {
+                    total += member.ctl.queued();
+                }
+            }
+        }
+        total
     }
 
     /// How many rooms exist.

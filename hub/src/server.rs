@@ -191,8 +191,16 @@ impl Hub {
     /// One retention pass over every branch: trims by count and age, and (at most hourly, or
     /// when `dedup` is set) expires old dedup entries.
     pub async fn run_retention(self: &Arc<Self>, dedup: bool) -> Result<(), StoreError> {
+        self.run_retention_at(now_ms(), dedup).await
+    }
+
+    /// A retention pass as if the time were `now` (tests move time forward this way).
+    pub async fn run_retention_at(
+        self: &Arc<Self>,
+        now: UnixMillis,
+        dedup: bool,
+    ) -> Result<(), StoreError> {
         let hub = self.clone();
-        let now = now_ms();
         let expire_dedup = {
             let mut last = self
                 .last_dedup_expiry
@@ -400,6 +408,7 @@ async fn maintenance(hub: Arc<Hub>) {
             _ = tick.tick() => {
                 hub.metrics.upkeep();
                 hub.metrics.rooms.set(hub.rooms.len() as f64);
+                hub.metrics.queued_events.set(hub.rooms.queued_events() as f64);
                 hub.snapshots.sweep();
             }
             _ = retention.tick() => {

@@ -45,6 +45,8 @@ const DRAIN: usize = 256;
 const REPLAY_FRAME_BYTES: usize = 1 << 20;
 /// A client silent for this many heartbeats is closed.
 const IDLE_HEARTBEATS: u32 = 3;
+/// How long a closing session waits for the client's close frame.
+const CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Last-seen times are refreshed at most this often per session.
 const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -72,8 +74,36 @@ type Limiter = RateLimiter<
 struct Sub {
     handle: Arc<BranchHandle>,
     member: Arc<Member>,
+    /// The last seq sent to the client.
     delivered: u64,
+    /// Set while the branch is fed from the log instead of live batches.
     catching_since: Option<Instant>,
+}
+
+/// What to do with a live batch of seqs `first..=last` for one followed branch.
+#[derive(Debug, PartialEq, Eq)]
+enum Take {
+    /// Nothing new in it, or the branch is catching up (the log has these events too).
+    Drop,
+    /// It continues exactly from what was delivered.
+    Whole,
+    /// It overlaps what was delivered: send only the events after it.
+    After(u64),
+    /// It would leave a gap: catch up from the log instead.
+    Gap,
+}
+
+/// Decides what a branch that delivered up to `delivered` does with a live batch.
+fn take(delivered: u64, catching_up: bool, first: u64, last: u64) -> Take {
+    if catching_up || last <= delivered {
+        Take::Drop
+    } else if first == delivered + 1 {
+        Take::Whole
+    } else if first <= delivered {
+        Take::After(delivered)
+    } else {
+        Take::Gap
+    }
 }
 
 struct Session {
@@ -252,7 +282,20 @@ async fn close(ws: &mut WebSocket, codec: Codec, fatal: &Fatal, after_hello: boo
         reason: reason.into(),
     };
     let _ = ws.feed(Message::Close(Some(close))).await;
-    let _ = ws.flush().await;
+    if ws.flush().await.is_err() {
+        return;
+    }
+    // Finish the closing handshake: wait (briefly) for the client's close before dropping the
+    // connection. Dropping at once can reset it while the client still has our error and close
+    // frames unread, and they would be lost.
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn encode(codec: Codec, frame: &ServerFrame) -> Option<Message> {
@@ -590,9 +633,11 @@ impl Session {
             }
             ClientFrame::Ack(ack) => match self.subs.get(&ack.branch) {
                 Some(sub) if sub.handle.shared.epoch == ack.epoch => {
-                    sub.handle
-                        .shared
-                        .ack(&self.claims.device, ack.seq.min(sub.delivered));
+                    sub.handle.shared.ack(
+                        &self.claims.device,
+                        self.claims.role,
+                        ack.seq.min(sub.delivered),
+                    );
                 }
                 Some(_) => self.error(ErrorCode::ProtocolViolation, "ack of another epoch"),
                 None => self.error(
@@ -733,24 +778,27 @@ impl Session {
     fn outbound(&mut self, out: Outbound) {
         match out {
             Outbound::Frame(frame) => self.push(&frame),
+            // The lagging member is picked up by `check_lagging` after this round.
+            Outbound::Wake => {}
             Outbound::Live(batch) => {
                 self.ctl.consumed(batch.len());
                 let codec = self.codec;
                 let Some(sub) = self.subs.get_mut(&batch.branch.branch) else {
                     return;
                 };
-                if sub.catching_since.is_some() || batch.last() <= sub.delivered {
-                    return; // catch-up reads these from the log, or they were sent already
-                }
-                if batch.first() > sub.delivered + 1 {
-                    // A gap: never expected, but the log closes it.
-                    sub.catching_since = Some(Instant::now());
-                    return;
-                }
-                let msg = if batch.first() == sub.delivered + 1 {
-                    batch.message(codec)
-                } else {
-                    batch.message_after(sub.delivered, codec)
+                let msg = match take(
+                    sub.delivered,
+                    sub.catching_since.is_some(),
+                    batch.first(),
+                    batch.last(),
+                ) {
+                    Take::Drop => return,
+                    Take::Whole => batch.message(codec),
+                    Take::After(delivered) => batch.message_after(delivered, codec),
+                    Take::Gap => {
+                        sub.catching_since = Some(Instant::now());
+                        return;
+                    }
                 };
                 if let Some(msg) = msg {
                     self.delivered_events += batch.last() - sub.delivered;
@@ -867,5 +915,35 @@ impl Session {
         for branch in branches {
             self.unsubscribe(&branch);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn live_batches_continue_the_stream_exactly_once() {
+        assert_eq!(take(10, false, 11, 15), Take::Whole);
+        assert_eq!(
+            take(10, false, 5, 10),
+            Take::Drop,
+            "already delivered (late after a catch-up)"
+        );
+        assert_eq!(
+            take(10, false, 8, 12),
+            Take::After(10),
+            "overlap: only 11 and 12"
+        );
+        assert_eq!(
+            take(10, false, 12, 15),
+            Take::Gap,
+            "never skip: catch up instead"
+        );
+        assert_eq!(
+            take(10, true, 11, 15),
+            Take::Drop,
+            "catch-up reads these from the log"
+        );
     }
 }

@@ -138,6 +138,14 @@ impl TestHub {
         self.hub.run_retention(true).await.expect("retention runs");
     }
 
+    /// Runs one retention pass as if the clock read `now_ms` (dedup expiry included).
+    pub async fn run_retention_at(&self, now_ms: branchline_protocol::UnixMillis) {
+        self.hub
+            .run_retention_at(now_ms, true)
+            .await
+            .expect("retention runs");
+    }
+
     /// Stops the hub gracefully and waits for it.
     pub async fn stop(mut self) {
         self.shutdown().await;

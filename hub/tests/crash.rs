@@ -1,0 +1,289 @@
+//! Crash safety (guarantee 6): `kill -9` the real hub binary at random moments while clients
+//! publish as fast as they are acknowledged; after every restart on the same store, each
+//! acknowledged event is there exactly once, seqs are gap-free, the epoch is unchanged and
+//! dedup still recognises events from before the crash.
+
+// In tests a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::process::Stdio;
+use std::time::Duration;
+
+use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::protocol::http::EventsPage;
+use branchline_hub::protocol::*;
+use futures::{SinkExt, StreamExt};
+use rand::{Rng, SeedableRng};
+use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::Message;
+
+const SECRET: &str = "crash-test-secret-0123456789abcdef";
+const WINDOW: usize = 32;
+
+/// Starts the hub binary on an ephemeral port; returns the process and its address.
+async fn spawn_hub(data: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_branchline-hub"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+            "--token-secret",
+            SECRET,
+        ])
+        .arg("--data")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("branchline-hub listening on http://") {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        panic!("the hub exited before listening");
+    })
+    .await
+    .unwrap();
+    (child, addr)
+}
+
+fn token(branch: &str, device: &str, role: Role) -> String {
+    let branches = if branch == "*" {
+        Branches::All
+    } else {
+        Branches::List(vec![name(branch)])
+    };
+    let claims = Claims::new(
+        name("acme"),
+        branches,
+        name(device),
+        role,
+        Duration::from_secs(3_600),
+    );
+    TokenKeys::new(SECRET.as_bytes()).mint(&claims).unwrap()
+}
+
+#[derive(Default)]
+struct DeviceLog {
+    acked: Vec<(uuid::Uuid, u64)>,
+    published: HashSet<uuid::Uuid>,
+    epochs: HashSet<Epoch>,
+    first: Option<Publish>,
+}
+
+/// A device that publishes `target` events, reconnecting to wherever the hub is and resending
+/// what was not acknowledged (same ids, same device_seq), as the SDK's outbox does.
+async fn device(
+    branch: String,
+    device: String,
+    mut addr: watch::Receiver<String>,
+    target: u64,
+) -> DeviceLog {
+    let token = token(&branch, &device, Role::Cashier);
+    let mut log = DeviceLog::default();
+    let mut pending: VecDeque<Publish> = VecDeque::new();
+    let mut next_ds = 1;
+    while (log.acked.len() as u64) < target {
+        let url = format!("ws://{}/v1/ws", addr.borrow_and_update().clone());
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            Codec::MsgPack.subprotocol().parse().unwrap(),
+        );
+        let Ok(Ok((ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        else {
+            // The hub is down: wait for the next one.
+            let _ = tokio::time::timeout(Duration::from_millis(50), addr.changed()).await;
+            continue;
+        };
+        let (mut sink, mut stream) = ws.split();
+        let hello = ClientFrame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            token: token.clone(),
+            tenant: name("acme"),
+            device: name(&device),
+            client_time_ms: now_ms(),
+            subscriptions: vec![Subscription {
+                branch: name(&branch),
+                from: None,
+            }],
+            agent: None,
+        });
+        let encode = |f: &ClientFrame| Message::Binary(Codec::MsgPack.encode(f).unwrap());
+        if sink.send(encode(&hello)).await.is_err() {
+            continue;
+        }
+        // Resend everything unacknowledged, in order.
+        let mut sent = 0;
+        let mut alive = true;
+        for p in &pending {
+            if sink
+                .feed(encode(&ClientFrame::Publish(p.clone())))
+                .await
+                .is_err()
+            {
+                alive = false;
+                break;
+            }
+            sent += 1;
+        }
+        alive = alive && sink.flush().await.is_ok();
+        while alive && (log.acked.len() as u64) < target {
+            let room = pending.len() < WINDOW && next_ds <= target;
+            tokio::select! {
+                msg = stream.next() => {
+                    let Some(Ok(Message::Binary(bytes))) = msg else {
+                        if matches!(msg, Some(Ok(_))) { continue; }
+                        break;
+                    };
+                    match Codec::MsgPack.decode_server_frame(&bytes).unwrap() {
+                        ServerFrame::Welcome(w) => { log.epochs.insert(w.branches[0].epoch); }
+                        ServerFrame::Accepted(a) => {
+                            let front = pending.pop_front().expect("an answer for a sent event");
+                            assert_eq!(a.event_id, front.event_id, "answers come in publish order");
+                            log.epochs.insert(a.epoch);
+                            log.acked.push((a.event_id, a.seq));
+                        }
+                        ServerFrame::Rejected(r) => panic!("{device}: unexpected rejection {r:?}"),
+                        _ => {}
+                    }
+                }
+                sent_ok = async {
+                    let p = publish(&branch, next_ds, sale_of("TEA", 1));
+                    log.published.insert(p.event_id);
+                    if log.first.is_none() { log.first = Some(p.clone()); }
+                    pending.push_back(p.clone());
+                    next_ds += 1;
+                    sink.send(encode(&ClientFrame::Publish(p))).await.is_ok()
+                }, if room => {
+                    if !sent_ok { break; }
+                    sent += 1;
+                }
+            }
+        }
+        let _ = sent;
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
+    const TARGET: u64 = 1_500;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut hub, addr) = spawn_hub(&data).await;
+    let (addr_tx, addr_rx) = watch::channel(addr);
+    let devices = [
+        ("b1", "till-1"),
+        ("b1", "till-2"),
+        ("b2", "till-3"),
+        ("b2", "till-4"),
+    ];
+    let tasks: Vec<_> = devices
+        .iter()
+        .map(|(b, d)| {
+            tokio::spawn(device(
+                b.to_string(),
+                d.to_string(),
+                addr_rx.clone(),
+                TARGET,
+            ))
+        })
+        .collect();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
+    for round in 0..4 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
+        hub.kill().await.unwrap(); // SIGKILL: no shutdown, no final flush
+        let (next, addr) = spawn_hub(&data).await;
+        eprintln!("round {round}: killed and restarted on {addr}");
+        hub = next;
+        addr_tx.send(addr).unwrap();
+    }
+    let mut logs = Vec::new();
+    for task in tasks {
+        logs.push(task.await.unwrap());
+    }
+
+    let addr = addr_tx.borrow().clone();
+    let admin = token("*", "console", Role::Admin);
+    let client = reqwest::Client::new();
+    let mut by_id: HashMap<uuid::Uuid, u64> = HashMap::new();
+    let mut epochs = HashSet::new();
+    for branch in ["b1", "b2"] {
+        let page: EventsPage = client
+            .get(format!(
+                "http://{addr}/v1/branches/acme/{branch}/events?after=0&limit=5000"
+            ))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(!page.has_more);
+        assert_contiguous(&page.events, 1, 2 * TARGET);
+        epochs.insert(page.epoch);
+        for e in &page.events {
+            assert!(
+                by_id.insert(e.event_id, e.seq).is_none(),
+                "event {} logged twice",
+                e.event_id
+            );
+        }
+    }
+    for log in &logs {
+        assert_eq!(log.acked.len() as u64, TARGET);
+        for (id, seq) in &log.acked {
+            assert_eq!(
+                by_id.get(id),
+                Some(seq),
+                "acknowledged event {id} is in the log at its seq"
+            );
+        }
+        assert!(
+            log.epochs.iter().all(|e| epochs.contains(e)),
+            "the epoch never changed across restarts"
+        );
+    }
+    let published: usize = logs.iter().map(|l| l.published.len()).sum();
+    assert_eq!(
+        by_id.len(),
+        published,
+        "nothing was logged that was not published"
+    );
+
+    // Dedup still knows events from before the crashes.
+    let first = logs[0].first.clone().unwrap();
+    let mut ws = connect_url(&format!("ws://{addr}/v1/ws"), Codec::MsgPack).await;
+    ws.hello(
+        &token("b1", "till-1", Role::Cashier),
+        "acme",
+        "till-1",
+        vec![],
+    )
+    .await;
+    let again = ws.publish(first.clone()).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (by_id[&first.event_id], true));
+    hub.kill().await.unwrap();
+}
