@@ -30,6 +30,7 @@ use futures::stream::FuturesOrdered;
 use futures::{FutureExt, SinkExt, StreamExt};
 use governor::{Quota, RateLimiter};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::auth::Claims;
@@ -128,39 +129,68 @@ pub async fn run(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>, conn: ConnGuard
     let hello = match read_hello(&mut ws, codec, &hub).await {
         Some(Ok(hello)) => hello,
         Some(Err(fatal)) => {
+            tracing::debug!(code = %fatal.code, message = %fatal.message, "hello refused");
             close(&mut ws, codec, &fatal, false).await;
             return;
         }
         None => return,
     };
-    let received_ms = now_ms();
+    let offset_ms = now_ms() - hello.client_time_ms;
     let claims = match admit(&hub, &hello) {
         Ok(claims) => claims,
         Err(fatal) => {
+            tracing::debug!(code = %fatal.code, message = %fatal.message, "hello refused");
             close(&mut ws, codec, &fatal, false).await;
             return;
         }
     };
-    hub.metrics.sessions.increment(1.0);
-    let mut session = Session::new(
-        hub.clone(),
-        codec,
-        claims,
-        received_ms - hello.client_time_ms,
+    let branches: Vec<&str> = hello
+        .subscriptions
+        .iter()
+        .map(|s| s.branch.as_str())
+        .collect();
+    let span = tracing::info_span!(
+        "session",
+        tenant = %claims.tenant,
+        device = %claims.device,
+        role = ?claims.role,
+        branches = %branches.join(","),
+        codec = ?codec,
     );
+    admitted(ws, codec, hub, claims, hello.subscriptions, offset_ms)
+        .instrument(span)
+        .await;
+    drop(conn);
+}
+
+/// Serves a session whose hello was accepted, until it ends.
+async fn admitted(
+    mut ws: WebSocket,
+    codec: Codec,
+    hub: Arc<Hub>,
+    claims: Claims,
+    subscriptions: Vec<Subscription>,
+    offset_ms: i64,
+) {
+    hub.metrics.sessions.increment(1.0);
+    let mut session = Session::new(hub.clone(), codec, claims, offset_ms);
     hub.register_session(
         &session.claims.tenant,
         &session.claims.device,
         session.ctl.clone(),
     );
-    let result = session.start(hello.subscriptions).await;
-    let fatal = match result {
+    tracing::debug!(session = %session.ctl.id, "session open");
+    let fatal = match session.start(subscriptions).await {
         Ok(()) => session.serve(&mut ws).await,
         Err(fatal) => Some(fatal),
     };
-    if let Some(fatal) = fatal {
-        session.out.clear();
-        close(&mut ws, codec, &fatal, true).await;
+    match &fatal {
+        Some(fatal) => {
+            tracing::debug!(code = %fatal.code, message = %fatal.message, "session closed by the hub");
+            session.out.clear();
+            close(&mut ws, codec, fatal, true).await;
+        }
+        None => tracing::debug!("session closed by the client"),
     }
     session.finish();
     hub.unregister_session(
@@ -169,7 +199,6 @@ pub async fn run(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>, conn: ConnGuard
         session.ctl.id,
     );
     hub.metrics.sessions.decrement(1.0);
-    drop(conn);
 }
 
 /// Reads the first frame, which must be a `hello`; `None` if the client went away.
