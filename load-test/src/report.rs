@@ -27,6 +27,27 @@ pub struct StormDetail {
     pub catchup_ms: Option<Percentiles>,
 }
 
+/// What the hub's own `/metrics` said about the measured window (differences of its
+/// counters; the hub folds histogram samples in every few seconds, so commit figures are
+/// approximate over short windows).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HubMetrics {
+    /// Group commits per second.
+    pub commits_per_s: f64,
+    /// Mean time to write and flush one group commit, ms.
+    pub commit_ms_mean: Option<f64>,
+    /// Mean store writes per group commit.
+    pub ops_per_commit: Option<f64>,
+    /// Sessions cut over from live delivery to catch-up from the log (slow consumers).
+    pub catchups: u64,
+    /// Sessions closed as too slow.
+    pub too_slow_closes: u64,
+    /// Connections refused with 503.
+    pub refused_connections: u64,
+    /// Events replayed from the log.
+    pub replayed_events: u64,
+}
+
 /// One run's results.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -86,6 +107,8 @@ pub struct Report {
     pub harness_cpu_percent: Option<f64>,
     /// Harness RSS at the end, bytes.
     pub harness_rss_bytes: Option<u64>,
+    /// The hub's own metrics over the window, if it serves `/metrics`.
+    pub hub_metrics: Option<HubMetrics>,
     /// `catchup`: events replayed per second until caught up.
     pub catchup_events_per_s: Option<f64>,
     /// `reconnect-storm`: seconds until every follower was caught up.
@@ -230,6 +253,23 @@ impl Report {
                 opt_cpu(self.hub_cpu_percent)
             ),
         ));
+        if let Some(m) = &self.hub_metrics {
+            let opt = |v: Option<f64>, unit: &str| {
+                v.map_or_else(|| "-".into(), |v| format!("{v:.2}{unit}"))
+            };
+            rows.push((
+                "hub commits",
+                format!(
+                    "{:.0}/s, {} each, {} writes each; catch-up cut-overs {}, too slow {}, 503s {}",
+                    m.commits_per_s,
+                    opt(m.commit_ms_mean, " ms"),
+                    opt(m.ops_per_commit, ""),
+                    m.catchups,
+                    m.too_slow_closes,
+                    m.refused_connections
+                ),
+            ));
+        }
         if let Some(g) = self.hub_rss_growth_bytes {
             rows.push((
                 "hub RSS growth",

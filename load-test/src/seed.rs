@@ -1,8 +1,12 @@
 //! The HTTP side: putting events into a branch fast (batch push, 1,000 events a request, so a
 //! client can be made 100,000 events behind in a second or two without tripping the
-//! per-session publish rate) and reading where a branch stands.
+//! per-session publish rate), reading where a branch stands, and reading the hub's Prometheus
+//! metrics.
 
 use anyhow::{Context, bail};
+use std::collections::HashMap;
+use std::time::Duration;
+
 use branchline_protocol::http::{BranchStatus, PushRequest, PushResponse, PushResult};
 use branchline_protocol::{Codec, Custom, Epoch, EventBody, Name, Publish, now_ms};
 use uuid::Uuid;
@@ -63,6 +67,21 @@ impl Http {
             );
         }
         Ok(serde_json::from_slice(&body)?)
+    }
+
+    /// `GET /metrics`: every sample of the hub's Prometheus text, summed over label sets (so a
+    /// histogram's `_sum` and `_count` read as totals).
+    pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(parse_metrics(&text))
     }
 
     /// Publishes `count` `custom` events of `pad_bytes` padding to `branch` as `device`,
@@ -146,5 +165,38 @@ impl Http {
             );
         }
         Ok(Codec::MsgPack.decode(&bytes)?)
+    }
+}
+
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut samples = HashMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series).trim();
+        *samples.entry(name.to_owned()).or_insert(0.0) += value;
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_sums_over_labels() {
+        let m = parse_metrics(
+            "# HELP x y\n# TYPE branchline_publishes_total counter\n\
+             branchline_publishes_total{outcome=\"accepted\"} 10\n\
+             branchline_publishes_total{outcome=\"rejected\"} 2\n\
+             branchline_commit_seconds_sum 0.5\nbranchline_commit_seconds_count 100\n",
+        );
+        assert_eq!(m["branchline_publishes_total"], 12.0);
+        assert_eq!(m["branchline_commit_seconds_sum"], 0.5);
+        assert_eq!(m["branchline_commit_seconds_count"], 100.0);
     }
 }

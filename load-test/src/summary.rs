@@ -278,6 +278,7 @@ mod tests {
             hub_cpu_percent: Some(120.0),
             harness_cpu_percent: Some(60.0),
             harness_rss_bytes: None,
+            hub_metrics: None,
             catchup_events_per_s: None,
             storm_catchup_s: None,
             storm: None,

@@ -36,7 +36,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
         storm: false,
     };
     env.progress.phase("catching up");
-    let window = env.open_window(false);
+    let window = env.open_window(false).await;
     let started = clock::now_ns();
     let probe = env.follower(plan, vec![0]);
     let caught_up = env
@@ -44,7 +44,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
             probe.caught_up_ns.load(Ordering::Acquire) > 0 || probe.done.load(Ordering::Acquire)
         })
         .await;
-    let mut measured = env.close_window(window);
+    let mut measured = env.close_window(window).await;
     let done_ns = probe.caught_up_ns.load(Ordering::Acquire);
     let rate = if caught_up && done_ns > 0 {
         let secs = (done_ns.saturating_sub(started)) as f64 / 1e9;

@@ -17,9 +17,9 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     start_publishers(env, &Payload::custom(p.payload_bytes))?;
     env.connected("publishers").await?;
     env.hold("warm-up", p.warmup()).await;
-    let window = env.open_window(true);
+    let window = env.open_window(true).await;
     env.hold("measuring", p.duration()).await;
-    let measured = env.close_window(window);
+    let measured = env.close_window(window).await;
     let incomplete = env.drain().await;
     Ok((
         Outcome {

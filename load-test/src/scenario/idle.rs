@@ -37,9 +37,9 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
         .and_then(|h| h.refresh())
         .map(|u| u.rss_bytes);
 
-    let window = env.open_window(false);
+    let window = env.open_window(false).await;
     env.hold("holding", p.duration()).await;
-    let measured = env.close_window(window);
+    let measured = env.close_window(window).await;
     let open = env.stats.open.load(Ordering::Acquire);
     if open < p.connections as u64 {
         env.stats.error(format!(

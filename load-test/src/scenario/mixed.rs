@@ -54,9 +54,9 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     }
     env.connected("tills").await?;
     env.hold("warm-up", p.warmup()).await;
-    let window = env.open_window(true);
+    let window = env.open_window(true).await;
     env.hold("measuring", p.duration()).await;
-    let measured = env.close_window(window);
+    let measured = env.close_window(window).await;
     let incomplete = env.drain().await;
     let rss_growth = match (measured.hub_rss_start, measured.hub_rss) {
         (Some(a), Some(b)) => Some(b as i64 - a as i64),

@@ -13,6 +13,7 @@ mod mixed;
 mod publish;
 mod storm;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -29,7 +30,7 @@ use crate::connect::{Pacer, Sources};
 use crate::follow::Probe;
 use crate::hub::Target;
 use crate::progress::Progress;
-use crate::report::{Report, StormDetail};
+use crate::report::{HubMetrics, Report, StormDetail};
 use crate::seed::Http;
 use crate::stats::{Counters, Latency, Stats};
 use crate::usage::{self, ProcWatch, Usage};
@@ -173,16 +174,16 @@ impl Params {
 }
 
 /// A measured window's start.
-#[derive(Clone, Copy)]
 pub struct Window {
     at: Instant,
     counters: Counters,
     hub: Option<Usage>,
     me: Option<Usage>,
+    metrics: Option<HashMap<String, f64>>,
 }
 
 /// What happened inside a window.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Measured {
     /// Its length.
     pub duration: Duration,
@@ -200,6 +201,26 @@ pub struct Measured {
     pub hub_rss: Option<u64>,
     /// Hub RSS at the start.
     pub hub_rss_start: Option<u64>,
+    /// The hub's `/metrics` over the window.
+    pub hub_metrics: Option<HubMetrics>,
+}
+
+/// The hub's counters between two scrapes of `/metrics`.
+fn hub_metrics(a: &HashMap<String, f64>, b: &HashMap<String, f64>, over: Duration) -> HubMetrics {
+    let delta = |name: &str| {
+        (b.get(name).copied().unwrap_or(0.0) - a.get(name).copied().unwrap_or(0.0)).max(0.0)
+    };
+    let commits = delta("branchline_commit_seconds_count");
+    let per_commit = |total: f64| (commits > 0.0).then(|| total / commits);
+    HubMetrics {
+        commits_per_s: commits / over.as_secs_f64().max(1e-9),
+        commit_ms_mean: per_commit(delta("branchline_commit_seconds_sum") * 1_000.0),
+        ops_per_commit: per_commit(delta("branchline_commit_ops_sum")),
+        catchups: delta("branchline_catchups_total") as u64,
+        too_slow_closes: delta("branchline_too_slow_closes_total") as u64,
+        refused_connections: delta("branchline_refused_connections_total") as u64,
+        replayed_events: delta("branchline_replayed_events_total") as u64,
+    }
 }
 
 /// What a scenario adds to the common report.
@@ -411,7 +432,8 @@ impl Env {
     }
 
     /// Starts measuring (and recording latencies if `latencies`).
-    fn open_window(&self, latencies: bool) -> Window {
+    async fn open_window(&self, latencies: bool) -> Window {
+        let metrics = self.http.metrics().await.ok();
         self.stats.set_recording(latencies);
         let (hub, me) = self.usage_now();
         Window {
@@ -419,15 +441,20 @@ impl Env {
             counters: self.stats.counters(),
             hub,
             me,
+            metrics,
         }
     }
 
     /// Stops measuring.
-    fn close_window(&self, w: Window) -> Measured {
+    async fn close_window(&self, w: Window) -> Measured {
         self.stats.set_recording(false);
         let duration = w.at.elapsed();
         let counters = self.stats.counters();
         let (hub, me) = self.usage_now();
+        let hub_metrics = match (&w.metrics, self.http.metrics().await.ok()) {
+            (Some(a), Some(b)) => Some(hub_metrics(a, &b, duration)),
+            _ => None,
+        };
         let cpu = |a: Option<Usage>, b: Option<Usage>| Some(usage::cpu_percent(a?, b?, duration));
         Measured {
             duration,
@@ -438,6 +465,7 @@ impl Env {
             harness_cpu: cpu(w.me, me),
             hub_rss: hub.map(|u| u.rss_bytes),
             hub_rss_start: w.hub.map(|u| u.rss_bytes),
+            hub_metrics,
         }
     }
 
@@ -519,6 +547,7 @@ impl Env {
         self.progress.finish();
         let s = &self.stats;
         let m = outcome.measured;
+        let hub_metrics = m.hub_metrics.clone();
         let secs = m.duration.as_secs_f64().max(1e-9);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let passed = s.failures() == 0 && incomplete == 0;
@@ -557,6 +586,7 @@ impl Env {
             hub_cpu_percent: m.hub_cpu,
             harness_cpu_percent: m.harness_cpu,
             harness_rss_bytes: harness_rss,
+            hub_metrics,
             catchup_events_per_s: outcome.catchup_events_per_s,
             storm_catchup_s: outcome.storm.as_ref().and_then(|d| d.catchup_s),
             storm: outcome.storm,

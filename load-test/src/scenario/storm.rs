@@ -30,7 +30,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     env.hold("live", p.warmup()).await;
     let probes: Vec<Arc<Probe>> = env.followers.iter().map(|f| f.probe.clone()).collect();
 
-    let window = env.open_window(false);
+    let window = env.open_window(false).await;
     env.progress.phase("dropping followers");
     env.set_signal(|s| s.link = Link::Down);
     env.wait_until(Duration::from_secs(10), |_| {
@@ -52,7 +52,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
             })
         })
         .await;
-    let measured = env.close_window(window);
+    let measured = env.close_window(window).await;
 
     let mut times = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3)
         .expect("constant histogram bounds are valid");
