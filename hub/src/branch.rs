@@ -489,7 +489,7 @@ fn spawn_writer(key: Arc<BranchKey>, mut loaded: LoadedBranch, ctx: WriterCtx) -
     let writer = Writer {
         shared: shared.clone(),
         head: loaded.head,
-        last_server_time: 0,
+        last_server_time: loaded.head_time_ms,
         devices: loaded.devices,
         state,
         uncommitted: VecDeque::new(),

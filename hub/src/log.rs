@@ -119,6 +119,9 @@ pub struct LoadedBranch {
     pub head: u64,
     /// The retention floor.
     pub floor: u64,
+    /// When the head event was sequenced (0 if the log is empty): server times never go
+    /// backwards within a branch, even across restarts.
+    pub head_time_ms: UnixMillis,
     /// Last applied `device_seq` per device.
     pub devices: HashMap<Name, u64>,
     /// The catalog.
@@ -391,6 +394,10 @@ impl EventLog for SledLog {
         let floor = self
             .read_u64(&key(FLOOR, branch, &[]), "floor")?
             .unwrap_or(0);
+        let head_time_ms = match self.tree.get(key(EVENT, branch, &head.to_be_bytes()))? {
+            Some(v) => i64_at(&v, 0, "event")?,
+            None => 0,
+        };
         let prefix_len = key(DEVICE, branch, &[]).len();
         let mut devices = HashMap::new();
         for kv in self.scan(DEVICE, branch) {
@@ -428,6 +435,7 @@ impl EventLog for SledLog {
             epoch,
             head,
             floor,
+            head_time_ms,
             devices,
             products,
             stock,
