@@ -398,3 +398,146 @@ async fn replay_then_caught_up_then_live_and_subscribe_mid_session() {
         .await;
     assert_eq!(next.as_str(), "b1", "nothing of b2 after unsubscribing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_see_devices_join_and_leave_and_each_devices_lag() {
+    let hub = TestHub::start().await;
+    let mut admin = session(
+        &hub,
+        Codec::Json,
+        &["*"],
+        "console",
+        Role::Admin,
+        vec![live("b1")],
+    )
+    .await;
+    let devices = admin
+        .until(|f| match f {
+            ServerFrame::Devices(d) => Some(d.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        devices
+            .devices
+            .iter()
+            .map(|d| d.device.as_str())
+            .collect::<Vec<_>>(),
+        vec!["console"]
+    );
+
+    let mut till = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-1",
+        Role::Cashier,
+        vec![live("b1")],
+    )
+    .await;
+    let joined = admin
+        .until(|f| match f {
+            ServerFrame::Presence(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (
+            joined.change,
+            joined.device.device.as_str(),
+            joined.device.online
+        ),
+        (PresenceChange::Joined, "till-1", true)
+    );
+
+    for i in 1..=5 {
+        till.publish(publish("b1", i, note(i))).await.unwrap();
+    }
+    admin.events_through("b1", 5).await;
+    let epoch = hub.hub().branches.opened()[0].shared.epoch;
+    till.send(&ClientFrame::Ack(Ack {
+        branch: name("b1"),
+        epoch,
+        seq: 3,
+    }))
+    .await;
+    // The ack is processed before the next frame of the same session.
+    till.send(&ClientFrame::Ping(Ping {
+        nonce: 1,
+        client_time_ms: now_ms(),
+    }))
+    .await;
+    till.until(|f| matches!(f, ServerFrame::Pong(_)).then_some(()))
+        .await;
+    admin
+        .send(&ClientFrame::ListDevices(ListDevices {
+            branch: name("b1"),
+        }))
+        .await;
+    let listed = admin
+        .until(|f| match f {
+            ServerFrame::Devices(d) => Some(d.clone()),
+            _ => None,
+        })
+        .await;
+    let t = listed
+        .devices
+        .iter()
+        .find(|d| d.device.as_str() == "till-1")
+        .unwrap();
+    assert_eq!(
+        (
+            listed.head,
+            t.acked_seq,
+            t.lag,
+            t.last_device_seq,
+            t.sessions
+        ),
+        (5, Some(3), Some(2), 5, 1)
+    );
+
+    till.close().await;
+    let left = admin
+        .until(|f| match f {
+            ServerFrame::Presence(p) => Some(p.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!(
+        (left.change, left.device.device.as_str(), left.device.online),
+        (PresenceChange::Left, "till-1", false)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_by_interval_serves_and_says_so() {
+    let hub = TestHub::start_with(|c| {
+        c.fsync = branchline_hub::config::FsyncMode::Interval(std::time::Duration::from_millis(20));
+    })
+    .await;
+    let mut till = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-1",
+        Role::Cashier,
+        vec![live("b1")],
+    )
+    .await;
+    for i in 1..=50 {
+        till.send(&ClientFrame::Publish(publish("b1", i, note(i))))
+            .await;
+    }
+    assert_contiguous(&till.events_through("b1", 50).await, 1, 50);
+    let ready = reqwest::get(format!("{}/readyz", hub.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(ready.contains("fsync interval=20ms"), "{ready}");
+    let hub = hub.restart().await;
+    let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
+    let page: http::EventsPage = api.get_json("/v1/branches/acme/b1/events?after=0").await;
+    assert_eq!(page.head, 50, "a graceful stop flushes everything");
+}
