@@ -48,6 +48,27 @@ pub struct HubMetrics {
     pub replayed_events: u64,
 }
 
+/// One second of the measured window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tick {
+    /// Seconds since the window opened (end of this tick).
+    pub t_s: f64,
+    /// Deliveries per second in this tick.
+    pub deliveries_per_s: f64,
+    /// Acks per second in this tick.
+    pub acks_per_s: f64,
+    /// Publish→receive latency of the events received in this tick.
+    pub latency_ms: Option<Percentiles>,
+    /// Ack latency of the publishes answered in this tick.
+    pub ack_latency_ms: Option<Percentiles>,
+    /// Sessions open.
+    pub connections: u64,
+    /// Hub RSS, bytes.
+    pub hub_rss_bytes: Option<u64>,
+    /// Hub CPU in this tick, percent of one core.
+    pub hub_cpu_percent: Option<f64>,
+}
+
 /// One run's results.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -115,6 +136,8 @@ pub struct Report {
     pub storm_catchup_s: Option<f64>,
     /// `reconnect-storm` details.
     pub storm: Option<StormDetail>,
+    /// The measured window second by second.
+    pub timeline: Vec<Tick>,
     /// The parameters used.
     pub params: Params,
     /// The first error messages.
@@ -253,6 +276,22 @@ impl Report {
                 opt_cpu(self.hub_cpu_percent)
             ),
         ));
+        let worst = self
+            .timeline
+            .iter()
+            .filter_map(|t| Some((t.t_s, t.latency_ms.or(t.ack_latency_ms)?)))
+            .max_by(|a, b| a.1.p99.total_cmp(&b.1.p99));
+        if let Some((t, p)) = worst {
+            rows.push((
+                "worst second",
+                format!(
+                    "p99 {:.2} ms, max {:.2} ms (second ending at {t:.0} s of {})",
+                    p.p99,
+                    p.max,
+                    self.timeline.len()
+                ),
+            ));
+        }
         if let Some(m) = &self.hub_metrics {
             let opt = |v: Option<f64>, unit: &str| {
                 v.map_or_else(|| "-".into(), |v| format!("{v:.2}{unit}"))

@@ -54,6 +54,9 @@ pub struct Stats {
     recording: AtomicBool,
     latency: Mutex<Histogram<u64>>,
     ack_latency: Mutex<Histogram<u64>>,
+    /// The same samples since the timeline last took them (one tick).
+    recent_latency: Mutex<Histogram<u64>>,
+    recent_ack_latency: Mutex<Histogram<u64>>,
     samples: Mutex<Vec<String>>,
 }
 
@@ -134,6 +137,8 @@ impl Stats {
             recording: AtomicBool::new(false),
             latency: Mutex::new(histogram()),
             ack_latency: Mutex::new(histogram()),
+            recent_latency: Mutex::new(histogram()),
+            recent_ack_latency: Mutex::new(histogram()),
             samples: Mutex::new(Vec::new()),
         }
     }
@@ -207,12 +212,29 @@ impl Stats {
         }
     }
 
+    fn recent(&self, which: Latency) -> &Mutex<Histogram<u64>> {
+        match which {
+            Latency::Delivery => &self.recent_latency,
+            Latency::Ack => &self.recent_ack_latency,
+        }
+    }
+
     /// Merges buffered samples (microseconds) into a histogram.
     pub fn record(&self, which: Latency, micros: &[u64]) {
-        let mut h = lock(self.histogram(which));
-        for &us in micros {
-            h.saturating_record(us.clamp(1, MAX_MICROS));
+        for h in [self.histogram(which), self.recent(which)] {
+            let mut h = lock(h);
+            for &us in micros {
+                h.saturating_record(us.clamp(1, MAX_MICROS));
+            }
         }
+    }
+
+    /// The percentiles recorded since the last call, and starts a new interval.
+    pub fn take_recent(&self, which: Latency) -> Option<Percentiles> {
+        let mut h = lock(self.recent(which));
+        let p = Percentiles::of(&h);
+        h.reset();
+        p
     }
 
     /// The percentiles recorded so far.
@@ -309,6 +331,12 @@ mod tests {
         assert_eq!(p.count, 3, "the warm-up sample is not kept");
         assert!((p.p50 - 2.0).abs() < 0.01, "{p:?}");
         assert!(stats.percentiles(Latency::Ack).is_none());
+        assert_eq!(stats.take_recent(Latency::Delivery).unwrap().count, 3);
+        assert!(
+            stats.take_recent(Latency::Delivery).is_none(),
+            "each interval starts empty"
+        );
+        assert_eq!(stats.percentiles(Latency::Delivery).unwrap().count, 3);
     }
 
     #[test]

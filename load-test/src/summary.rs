@@ -282,6 +282,7 @@ mod tests {
             catchup_events_per_s: None,
             storm_catchup_s: None,
             storm: None,
+            timeline: Vec::new(),
             params: Params::resolve(Scenario::Fanout, &args),
             error_samples: Vec::new(),
         }

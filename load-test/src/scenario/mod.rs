@@ -14,8 +14,8 @@ mod publish;
 mod storm;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -30,7 +30,7 @@ use crate::connect::{Pacer, Sources};
 use crate::follow::Probe;
 use crate::hub::Target;
 use crate::progress::Progress;
-use crate::report::{HubMetrics, Report, StormDetail};
+use crate::report::{HubMetrics, Report, StormDetail, Tick};
 use crate::seed::Http;
 use crate::stats::{Counters, Latency, Stats};
 use crate::usage::{self, ProcWatch, Usage};
@@ -180,6 +180,8 @@ pub struct Window {
     hub: Option<Usage>,
     me: Option<Usage>,
     metrics: Option<HashMap<String, f64>>,
+    timeline: Arc<Mutex<Vec<Tick>>>,
+    sampler: tokio::task::JoinHandle<()>,
 }
 
 /// What happened inside a window.
@@ -203,6 +205,52 @@ pub struct Measured {
     pub hub_rss_start: Option<u64>,
     /// The hub's `/metrics` over the window.
     pub hub_metrics: Option<HubMetrics>,
+    /// Second by second.
+    pub timeline: Vec<Tick>,
+}
+
+/// Appends one [`Tick`] per second of the window to `timeline`.
+async fn sample_ticks(
+    stats: Arc<Stats>,
+    hub: Option<Arc<ProcWatch>>,
+    start: Instant,
+    timeline: Arc<Mutex<Vec<Tick>>>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last = (
+        Instant::now(),
+        stats.counters(),
+        hub.as_ref().and_then(|h| h.refresh()),
+    );
+    loop {
+        tick.tick().await;
+        let now = (
+            Instant::now(),
+            stats.counters(),
+            hub.as_ref().and_then(|h| h.refresh()),
+        );
+        let secs = now.0.duration_since(last.0).as_secs_f64().max(1e-9);
+        let cpu = match (last.2, now.2) {
+            (Some(a), Some(b)) => Some(usage::cpu_percent(a, b, now.0.duration_since(last.0))),
+            _ => None,
+        };
+        let t = Tick {
+            t_s: now.0.duration_since(start).as_secs_f64(),
+            deliveries_per_s: (now.1.deliveries - last.1.deliveries) as f64 / secs,
+            acks_per_s: (now.1.acked - last.1.acked) as f64 / secs,
+            latency_ms: stats.take_recent(Latency::Delivery),
+            ack_latency_ms: stats.take_recent(Latency::Ack),
+            connections: stats.open.load(Ordering::Relaxed),
+            hub_rss_bytes: now.2.map(|u| u.rss_bytes),
+            hub_cpu_percent: cpu,
+        };
+        timeline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(t);
+        last = now;
+    }
 }
 
 /// The hub's counters between two scrapes of `/metrics`.
@@ -435,18 +483,31 @@ impl Env {
     async fn open_window(&self, latencies: bool) -> Window {
         let metrics = self.http.metrics().await.ok();
         self.stats.set_recording(latencies);
+        let _ = self.stats.take_recent(Latency::Delivery);
+        let _ = self.stats.take_recent(Latency::Ack);
         let (hub, me) = self.usage_now();
+        let timeline = Arc::new(Mutex::new(Vec::new()));
+        let at = Instant::now();
+        let sampler = tokio::spawn(sample_ticks(
+            self.stats.clone(),
+            self.hub.clone(),
+            at,
+            timeline.clone(),
+        ));
         Window {
-            at: Instant::now(),
+            at,
             counters: self.stats.counters(),
             hub,
             me,
             metrics,
+            timeline,
+            sampler,
         }
     }
 
     /// Stops measuring.
     async fn close_window(&self, w: Window) -> Measured {
+        w.sampler.abort();
         self.stats.set_recording(false);
         let duration = w.at.elapsed();
         let counters = self.stats.counters();
@@ -466,6 +527,9 @@ impl Env {
             hub_rss: hub.map(|u| u.rss_bytes),
             hub_rss_start: w.hub.map(|u| u.rss_bytes),
             hub_metrics,
+            timeline: std::mem::take(
+                &mut *w.timeline.lock().unwrap_or_else(PoisonError::into_inner),
+            ),
         }
     }
 
@@ -548,6 +612,7 @@ impl Env {
         let s = &self.stats;
         let m = outcome.measured;
         let hub_metrics = m.hub_metrics.clone();
+        let timeline = m.timeline.clone();
         let secs = m.duration.as_secs_f64().max(1e-9);
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let passed = s.failures() == 0 && incomplete == 0;
@@ -590,6 +655,7 @@ impl Env {
             catchup_events_per_s: outcome.catchup_events_per_s,
             storm_catchup_s: outcome.storm.as_ref().and_then(|d| d.catchup_s),
             storm: outcome.storm,
+            timeline,
             params: self.p,
             error_samples: s.error_samples(),
         })
