@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::clock;
 use crate::connect::{self, ConnectError, Endpoint, Pacer, Sources, Ws};
-use crate::follow::{Probe, Streams};
+use crate::follow::{Arrival, Probe, Streams};
 use crate::publish::{PublishPlan, Publisher};
 use crate::stats::{OpenGuard, Stats};
 use crate::wire::{self, BodyLite, Incoming};
@@ -449,8 +449,11 @@ fn frame(
             Some(seq) => streams.event(
                 f.branch,
                 f.epoch,
-                seq,
-                f.body.as_ref().and_then(BodyLite::stamp),
+                Arrival {
+                    seq,
+                    stamp: f.body.as_ref().and_then(BodyLite::stamp),
+                    server_time_ms: f.server_time_ms,
+                },
                 now,
             ),
             None => stats.error("an event frame without seq".to_owned()),
@@ -458,9 +461,11 @@ fn frame(
         "events" => streams.events(
             f.branch,
             f.epoch,
-            f.events
-                .iter()
-                .map(|e| (e.seq, e.body.as_ref().and_then(BodyLite::stamp))),
+            f.events.iter().map(|e| Arrival {
+                seq: e.seq,
+                stamp: e.body.as_ref().and_then(BodyLite::stamp),
+                server_time_ms: e.server_time_ms,
+            }),
             now,
         ),
         "caught_up" => streams.caught_up(f.branch, f.seq.unwrap_or(0), now),

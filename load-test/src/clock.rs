@@ -5,13 +5,28 @@
 //! when the hub is on another machine.
 
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-static START: OnceLock<Instant> = OnceLock::new();
+static START: OnceLock<(Instant, u64)> = OnceLock::new();
+
+fn start() -> (Instant, u64) {
+    *START.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        (Instant::now(), wall)
+    })
+}
 
 /// The instant the clock counts from (fixed by the first call).
 pub fn origin() -> Instant {
-    *START.get_or_init(Instant::now)
+    start().0
+}
+
+/// Unix time in milliseconds of a stamp: for comparing with the hub's `server_time_ms`
+/// (which only means something when the hub runs on this machine).
+pub fn wall_ms(ns: u64) -> u64 {
+    (start().1 + ns) / 1_000_000
 }
 
 /// Nanoseconds since [`origin`].
@@ -45,5 +60,13 @@ mod tests {
         assert_eq!(ns_at(at), a);
         assert_eq!(micros_between(a + 5_000, a), 0, "late stamps saturate at 0");
         assert_eq!(micros_between(a, a + 2_500_000), 2_500);
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert!(
+            wall_ms(now_ns()).abs_diff(wall) <= 5,
+            "stamps map to wall time"
+        );
     }
 }

@@ -49,6 +49,27 @@ impl Probe {
     }
 }
 
+/// One event as a follower sees it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Arrival {
+    /// Its seq.
+    pub seq: u64,
+    /// The harness stamp it carries, if a harness publisher made it.
+    pub stamp: Option<u64>,
+    /// When the hub sequenced it (hub wall clock, ms).
+    pub server_time_ms: Option<u64>,
+}
+
+impl Arrival {
+    /// An event without stamps.
+    pub fn seq(seq: u64) -> Self {
+        Self {
+            seq,
+            ..Self::default()
+        }
+    }
+}
+
 struct Branch {
     name: Name,
     epoch: Option<Epoch>,
@@ -64,6 +85,8 @@ pub struct Streams {
     stats: Arc<Stats>,
     probe: Arc<Probe>,
     latency: LatencyBuf,
+    to_sequenced: LatencyBuf,
+    from_sequenced: LatencyBuf,
 }
 
 impl Streams {
@@ -93,6 +116,8 @@ impl Streams {
         Self {
             who,
             latency: LatencyBuf::new(stats.clone(), Latency::Delivery),
+            to_sequenced: LatencyBuf::new(stats.clone(), Latency::ToSequenced),
+            from_sequenced: LatencyBuf::new(stats.clone(), Latency::FromSequenced),
             branches,
             stats,
             probe,
@@ -159,25 +184,23 @@ impl Streams {
         self.branches.iter().position(|b| b.name.as_str() == branch)
     }
 
-    /// One event of `branch`/`epoch` arrived at `now_ns`, carrying `stamp` if it is a harness
-    /// event.
+    /// One event of `branch`/`epoch` arrived at `now_ns`.
     pub fn event(
         &mut self,
         branch: Option<&str>,
         epoch: Option<&str>,
-        seq: u64,
-        stamp: Option<u64>,
+        event: Arrival,
         now_ns: u64,
     ) {
-        self.events(branch, epoch, std::iter::once((seq, stamp)), now_ns);
+        self.events(branch, epoch, std::iter::once(event), now_ns);
     }
 
-    /// Events `(seq, stamp)` of `branch`/`epoch` arrived together at `now_ns` (one frame).
+    /// Events of `branch`/`epoch` arrived together at `now_ns` (one frame).
     pub fn events(
         &mut self,
         branch: Option<&str>,
         epoch: Option<&str>,
-        events: impl Iterator<Item = (u64, Option<u64>)>,
+        events: impl Iterator<Item = Arrival>,
         now_ns: u64,
     ) {
         let Some(i) = self.index(branch) else {
@@ -203,14 +226,22 @@ impl Streams {
             return;
         };
         let mut n = 0;
-        for (seq, stamp) in events {
+        let now_ms = clock::wall_ms(now_ns);
+        for e in events {
             n += 1;
-            if let Err(anomaly) = check.event(seq) {
+            if let Err(anomaly) = check.event(e.seq) {
                 self.stats
                     .anomaly(self.who.as_str(), b.name.as_str(), &anomaly);
             }
-            if let Some(stamp) = stamp {
+            if let Some(stamp) = e.stamp {
                 self.latency.push(clock::micros_between(stamp, now_ns));
+                if let Some(sequenced) = e.server_time_ms {
+                    let sent = clock::wall_ms(stamp);
+                    self.to_sequenced
+                        .push(sequenced.saturating_sub(sent) * 1_000);
+                    self.from_sequenced
+                        .push(now_ms.saturating_sub(sequenced) * 1_000);
+                }
             }
         }
         self.stats.deliveries.fetch_add(n, Ordering::Relaxed);
@@ -263,9 +294,11 @@ impl Streams {
             .filter_map(|b| Some((&b.name, b.epoch?, b.check.as_ref()?.last())))
     }
 
-    /// Merges buffered latencies into the shared histogram.
+    /// Merges buffered latencies into the shared histograms.
     pub fn flush(&mut self) {
         self.latency.flush();
+        self.to_sequenced.flush();
+        self.from_sequenced.flush();
     }
 }
 
@@ -305,7 +338,7 @@ mod tests {
         s.start(&[start(10, StartMode::Live)]).unwrap();
         let epoch = Epoch(7).to_string();
         for seq in 11..=13 {
-            s.event(Some("b1"), Some(&epoch), seq, None, 0);
+            s.event(Some("b1"), Some(&epoch), Arrival::seq(seq), 0);
         }
         s.caught_up(Some("b1"), 13, 5);
         s.publish_progress();
@@ -327,10 +360,10 @@ mod tests {
         let mut s = Streams::new(name("sub-1"), vec![name("b1")], None, stats.clone(), probe);
         s.start(&[start(0, StartMode::Live)]).unwrap();
         let epoch = Epoch(7).to_string();
-        s.event(Some("b1"), Some(&epoch), 1, None, 0);
-        s.event(Some("b1"), Some(&epoch), 3, None, 0);
+        s.event(Some("b1"), Some(&epoch), Arrival::seq(1), 0);
+        s.event(Some("b1"), Some(&epoch), Arrival::seq(3), 0);
         assert_eq!(stats.gaps.load(Ordering::Relaxed), 1);
-        s.event(Some("b1"), Some("0000000000000008"), 4, None, 0);
+        s.event(Some("b1"), Some("0000000000000008"), Arrival::seq(4), 0);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
         assert!(s.start(&[start(4, StartMode::ResyncRequired)]).is_err());
     }

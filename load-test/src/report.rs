@@ -48,6 +48,16 @@ pub struct HubMetrics {
     pub replayed_events: u64,
 }
 
+/// Publish→receive latency split where the hub sequenced the event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LatencySplit {
+    /// Publish (intended time) → sequenced: the harness's send, the hub reading the frame,
+    /// the branch writer.
+    pub to_sequenced: Option<Percentiles>,
+    /// Sequenced → received: group commit and flush, fan-out, the harness reading.
+    pub from_sequenced: Option<Percentiles>,
+}
+
 /// One second of the measured window.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Tick {
@@ -98,6 +108,9 @@ pub struct Report {
     pub latency_ms: Option<Percentiles>,
     /// Publish (intended time with `--rate`, else send time) → `accepted`.
     pub ack_latency_ms: Option<Percentiles>,
+    /// `latency_ms` split at the moment the hub sequenced the event (its `server_time_ms`),
+    /// for a hub on this machine: where the time goes. Millisecond resolution.
+    pub latency_split_ms: Option<LatencySplit>,
     /// Gaps in any stream, over the whole run.
     pub gaps: u64,
     /// Events those gaps skipped.
@@ -225,6 +238,13 @@ impl Report {
         }
         if self.latency_ms.is_some() {
             rows.push(("latency ms", percentiles(self.latency_ms.as_ref())));
+        }
+        if let Some(split) = &self.latency_split_ms {
+            rows.push(("  to sequenced", percentiles(split.to_sequenced.as_ref())));
+            rows.push((
+                "  sequenced to recv",
+                percentiles(split.from_sequenced.as_ref()),
+            ));
         }
         if self.publishes_acked > 0 || self.ack_latency_ms.is_some() {
             rows.push((

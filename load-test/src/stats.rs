@@ -27,6 +27,19 @@ pub enum Latency {
     Delivery,
     /// Publish (intended send time) → `accepted`.
     Ack,
+    /// Publish (intended send time) → sequenced by the hub (its `server_time_ms`; wall
+    /// clocks, millisecond resolution, meaningful only for a hub on this machine).
+    ToSequenced,
+    /// Sequenced by the hub → receive by a follower (same caveats).
+    FromSequenced,
+}
+
+impl Latency {
+    const ALL: usize = 4;
+
+    fn index(self) -> usize {
+        self as usize
+    }
 }
 
 /// Counters and histograms of one run.
@@ -52,11 +65,10 @@ pub struct Stats {
     /// Connection attempts the hub refused with 503 `overloaded` and that were retried.
     pub connect_retries: AtomicU64,
     recording: AtomicBool,
-    latency: Mutex<Histogram<u64>>,
-    ack_latency: Mutex<Histogram<u64>>,
+    /// One per [`Latency`], over the whole measured window.
+    total: [Mutex<Histogram<u64>>; Latency::ALL],
     /// The same samples since the timeline last took them (one tick).
-    recent_latency: Mutex<Histogram<u64>>,
-    recent_ack_latency: Mutex<Histogram<u64>>,
+    recent: [Mutex<Histogram<u64>>; Latency::ALL],
     samples: Mutex<Vec<String>>,
 }
 
@@ -135,10 +147,8 @@ impl Stats {
             open: AtomicU64::new(0),
             connect_retries: AtomicU64::new(0),
             recording: AtomicBool::new(false),
-            latency: Mutex::new(histogram()),
-            ack_latency: Mutex::new(histogram()),
-            recent_latency: Mutex::new(histogram()),
-            recent_ack_latency: Mutex::new(histogram()),
+            total: std::array::from_fn(|_| Mutex::new(histogram())),
+            recent: std::array::from_fn(|_| Mutex::new(histogram())),
             samples: Mutex::new(Vec::new()),
         }
     }
@@ -206,17 +216,11 @@ impl Stats {
     }
 
     fn histogram(&self, which: Latency) -> &Mutex<Histogram<u64>> {
-        match which {
-            Latency::Delivery => &self.latency,
-            Latency::Ack => &self.ack_latency,
-        }
+        &self.total[which.index()]
     }
 
     fn recent(&self, which: Latency) -> &Mutex<Histogram<u64>> {
-        match which {
-            Latency::Delivery => &self.recent_latency,
-            Latency::Ack => &self.recent_ack_latency,
-        }
+        &self.recent[which.index()]
     }
 
     /// Merges buffered samples (microseconds) into a histogram.
@@ -242,7 +246,7 @@ impl Stats {
         Percentiles::of(&lock(self.histogram(which)))
     }
 
-    /// A copy of one histogram (for live p99 in the progress line).
+    /// The 99th percentile so far, ms (for the progress line).
     pub fn p99_ms(&self, which: Latency) -> Option<f64> {
         let h = lock(self.histogram(which));
         (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1_000.0)

@@ -263,6 +263,7 @@ mod tests {
                 count: 6_000_000,
             }),
             ack_latency_ms: None,
+            latency_split_ms: None,
             gaps: 0,
             missing_events: 0,
             duplicates: 0,

@@ -178,6 +178,8 @@ pub struct Incoming<'a> {
     pub epoch: Option<&'a str>,
     /// `event`, `caught_up`, `accepted`.
     pub seq: Option<u64>,
+    /// `event`: when the hub sequenced it (its wall clock, ms).
+    pub server_time_ms: Option<u64>,
     /// `event`: the event body.
     pub body: Option<BodyLite<'a>>,
     /// `events`: the events.
@@ -201,6 +203,8 @@ pub struct Incoming<'a> {
 pub struct EventLite<'a> {
     /// The event's seq.
     pub seq: u64,
+    /// When the hub sequenced it (its wall clock, ms).
+    pub server_time_ms: Option<u64>,
     /// The body.
     pub body: Option<BodyLite<'a>>,
 }
@@ -434,6 +438,7 @@ impl<'a> Skim<'a> {
         for _ in 0..n {
             match self.raw_str()? {
                 b"seq" => event.seq = self.uint()?.unwrap_or(0),
+                b"server_time_ms" => event.server_time_ms = self.uint()?,
                 b"body" => event.body = self.body()?,
                 _ => self.skip(1)?,
             }
@@ -458,6 +463,7 @@ impl<'a> Incoming<'a> {
                 b"branch" => f.branch = r.str()?,
                 b"epoch" => f.epoch = r.str()?,
                 b"seq" => f.seq = r.uint()?,
+                b"server_time_ms" => f.server_time_ms = r.uint()?,
                 b"body" => f.body = r.body()?,
                 b"events" => match r.head()? {
                     (_, Marker::FixArray(_) | Marker::Array16 | Marker::Array32, len) => {
@@ -567,6 +573,7 @@ mod tests {
         let f = Incoming::decode(&one).unwrap();
         assert_eq!((f.frame, f.seq, f.branch), ("event", Some(5), Some("b1")));
         assert_eq!(f.epoch, Some("0000000000000abc"));
+        assert_eq!(f.server_time_ms, Some(2));
         assert_eq!(f.body.unwrap().stamp(), Some(77));
 
         let stored: Vec<Bytes> = (6..9)

@@ -30,7 +30,7 @@ use crate::connect::{Pacer, Sources};
 use crate::follow::Probe;
 use crate::hub::Target;
 use crate::progress::Progress;
-use crate::report::{HubMetrics, Report, StormDetail, Tick};
+use crate::report::{HubMetrics, LatencySplit, Report, StormDetail, Tick};
 use crate::seed::Http;
 use crate::stats::{Counters, Latency, Stats};
 use crate::usage::{self, ProcWatch, Usage};
@@ -636,6 +636,11 @@ impl Env {
                 .ack_latency
                 .then(|| s.percentiles(Latency::Ack))
                 .flatten(),
+            latency_split_ms: (outcome.latency && self.target.endpoint.addr.ip().is_loopback())
+                .then(|| LatencySplit {
+                    to_sequenced: s.percentiles(Latency::ToSequenced),
+                    from_sequenced: s.percentiles(Latency::FromSequenced),
+                }),
             gaps: load(&s.gaps),
             missing_events: load(&s.missing),
             duplicates: load(&s.duplicates),
