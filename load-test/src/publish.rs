@@ -67,6 +67,7 @@ pub struct Publisher {
     device: Name,
     stats: Arc<Stats>,
     latency: LatencyBuf,
+    send_lag: LatencyBuf,
     next_seq: u64,
     inflight: VecDeque<Pending>,
     /// Rate mode: when the schedule started and how many events it has emitted.
@@ -84,6 +85,7 @@ impl Publisher {
     pub fn new(plan: PublishPlan, device: Name, next_seq: u64, stats: Arc<Stats>) -> Self {
         Self {
             latency: LatencyBuf::new(stats.clone(), Latency::Ack),
+            send_lag: LatencyBuf::new(stats.clone(), Latency::SendLag),
             plan,
             device,
             stats,
@@ -178,6 +180,7 @@ impl Publisher {
                 &self.plan.payload,
             )?;
             out.push(Bytes::from(buf));
+            self.send_lag.push(clock::micros_between(stamp_ns, now_ns));
             self.inflight.push_back(pending);
             self.next_seq += 1;
             self.scheduled += 1;
@@ -267,6 +270,7 @@ impl Publisher {
     /// Merges buffered latencies.
     pub fn flush(&mut self) {
         self.latency.flush();
+        self.send_lag.flush();
     }
 }
 

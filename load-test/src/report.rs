@@ -51,6 +51,8 @@ pub struct HubMetrics {
 /// Publish→receive latency split where the hub sequenced the event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LatencySplit {
+    /// Intended send time → sent: the harness's own lateness (included in `to_sequenced`).
+    pub send_lag: Option<Percentiles>,
     /// Publish (intended time) → sequenced: the harness's send, the hub reading the frame,
     /// the branch writer.
     pub to_sequenced: Option<Percentiles>,
@@ -240,6 +242,7 @@ impl Report {
             rows.push(("latency ms", percentiles(self.latency_ms.as_ref())));
         }
         if let Some(split) = &self.latency_split_ms {
+            rows.push(("  harness send lag", percentiles(split.send_lag.as_ref())));
             rows.push(("  to sequenced", percentiles(split.to_sequenced.as_ref())));
             rows.push((
                 "  sequenced to recv",

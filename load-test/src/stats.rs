@@ -32,10 +32,13 @@ pub enum Latency {
     ToSequenced,
     /// Sequenced by the hub → receive by a follower (same caveats).
     FromSequenced,
+    /// Intended send time → the harness actually sent the publish: the harness's own share
+    /// of the latency (timer resolution, its runtime being busy).
+    SendLag,
 }
 
 impl Latency {
-    const ALL: usize = 4;
+    const ALL: usize = 5;
 
     fn index(self) -> usize {
         self as usize

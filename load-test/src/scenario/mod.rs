@@ -638,6 +638,7 @@ impl Env {
                 .flatten(),
             latency_split_ms: (outcome.latency && self.target.endpoint.addr.ip().is_loopback())
                 .then(|| LatencySplit {
+                    send_lag: s.percentiles(Latency::SendLag),
                     to_sequenced: s.percentiles(Latency::ToSequenced),
                     from_sequenced: s.percentiles(Latency::FromSequenced),
                 }),
