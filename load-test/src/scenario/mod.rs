@@ -671,13 +671,20 @@ impl Env {
 /// Runs `scenario` against `target`.
 pub async fn run(scenario: Scenario, args: &RunArgs, target: Target) -> anyhow::Result<Report> {
     let mut env = Env::new(scenario, args, target)?;
-    let result = match scenario {
-        Scenario::Fanout => fanout::run(&mut env).await,
-        Scenario::Publish => publish::run(&mut env).await,
-        Scenario::Idle => idle::run(&mut env).await,
-        Scenario::Catchup => catchup::run(&mut env).await,
-        Scenario::ReconnectStorm => storm::run(&mut env).await,
-        Scenario::Mixed | Scenario::Soak => mixed::run(&mut env).await,
+    let running = async {
+        match scenario {
+            Scenario::Fanout => fanout::run(&mut env).await,
+            Scenario::Publish => publish::run(&mut env).await,
+            Scenario::Idle => idle::run(&mut env).await,
+            Scenario::Catchup => catchup::run(&mut env).await,
+            Scenario::ReconnectStorm => storm::run(&mut env).await,
+            Scenario::Mixed | Scenario::Soak => mixed::run(&mut env).await,
+        }
+    };
+    // Ctrl-C still closes the sessions and stops a spawned hub (and removes its store).
+    let result = tokio::select! {
+        result = running => result,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     match result {
         Ok((outcome, incomplete)) => env.finish(outcome, incomplete).await,
