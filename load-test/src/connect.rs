@@ -147,14 +147,9 @@ impl Sources {
         Some(self.ips[i % self.ips.len()])
     }
 
-    /// How many addresses are used.
-    pub fn len(&self) -> usize {
+    /// How many source addresses are used (1 when the kernel chooses).
+    pub fn count(&self) -> usize {
         self.ips.len().max(1)
-    }
-
-    /// Whether the kernel chooses every address.
-    pub fn is_empty(&self) -> bool {
-        self.ips.len() < 2
     }
 }
 
@@ -302,7 +297,7 @@ mod tests {
     fn loopback_targets_spread_over_loopback_sources() {
         let hub: SocketAddr = "127.0.0.1:7400".parse().unwrap();
         let s = Sources::new(hub, 20_000, None);
-        assert_eq!(s.len(), 3);
+        assert_eq!(s.count(), 3);
         let picked: Vec<_> = (0..4).map(|_| s.next().unwrap()).collect();
         assert_eq!(picked[0], IpAddr::from([127, 0, 0, 1]));
         assert_eq!(picked[3], picked[0], "round robin");

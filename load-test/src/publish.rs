@@ -99,11 +99,6 @@ impl Publisher {
         }
     }
 
-    /// The branch published to.
-    pub fn branch(&self) -> &Name {
-        &self.plan.branch
-    }
-
     /// Publishes waiting for their answer.
     pub fn inflight(&self) -> usize {
         self.inflight.len()

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// One reading of a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,7 +81,6 @@ pub struct ProcWatch {
     rss: AtomicU64,
     peak: AtomicU64,
     alive: AtomicBool,
-    started: Instant,
 }
 
 impl ProcWatch {
@@ -92,7 +91,6 @@ impl ProcWatch {
             rss: AtomicU64::new(0),
             peak: AtomicU64::new(0),
             alive: AtomicBool::new(true),
-            started: Instant::now(),
         });
         watch.refresh();
         let weak: Weak<Self> = Arc::downgrade(&watch);
@@ -139,11 +137,6 @@ impl ProcWatch {
     /// Whether the process was alive at the last reading.
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
-    }
-
-    /// How long it has been watched.
-    pub fn watched_for(&self) -> Duration {
-        self.started.elapsed()
     }
 }
 

@@ -316,7 +316,7 @@ impl Env {
         let mut p = Params::resolve(scenario, args);
         let stats = Arc::new(Stats::new());
         let sources = Sources::new(target.endpoint.addr, p.sessions(scenario), args.source_ips);
-        p.source_ips = sources.len();
+        p.source_ips = sources.count();
         let (signal, rx) = watch::channel(Signal::default());
         let shared = Arc::new(Shared {
             endpoint: target.endpoint.clone(),
