@@ -426,6 +426,16 @@ impl Branches {
 
     /// The branch, opened (and its log created) on first use.
     pub async fn get(&self, key: &BranchKey) -> Result<Arc<BranchHandle>, BranchError> {
+        // The common case is a branch already open: no await at all.
+        if let Some(handle) = self.map.get(key).and_then(|cell| cell.get().cloned()) {
+            return Ok(handle);
+        }
+        // Opening is rare; boxing it keeps every caller's future (and so every session task)
+        // small.
+        Box::pin(self.open(key)).await
+    }
+
+    async fn open(&self, key: &BranchKey) -> Result<Arc<BranchHandle>, BranchError> {
         let cell = self.map.entry(key.clone()).or_default().clone();
         let handle = cell
             .get_or_try_init(|| async {

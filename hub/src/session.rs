@@ -125,80 +125,126 @@ struct Session {
 }
 
 /// Serves one upgraded WebSocket until it closes.
-pub async fn run(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>, conn: ConnGuard) {
+pub fn run(
+    ws: WebSocket,
+    codec: Codec,
+    hub: Arc<Hub>,
+    conn: ConnGuard,
+) -> impl Future<Output = ()> {
+    // The hello phase is boxed and the socket moved into it right here: an async fn keeps
+    // room for its arguments for its whole life, and this future is part of the task of every
+    // idle session.
+    let greeting = Box::pin(greet(ws, codec, hub.clone()));
+    async move {
+        // `greeted` lives only inside the match, so its room is not kept beside the session's.
+        let session = match greeting.await {
+            Some(greeted) => {
+                let span = greeted.span(codec);
+                admitted(greeted, codec, hub).instrument(span)
+            }
+            None => return,
+        };
+        session.await;
+        drop(conn);
+    }
+}
+
+/// A session whose hello was accepted.
+struct Greeted {
+    ws: WebSocket,
+    claims: Claims,
+    subscriptions: Vec<Subscription>,
+    offset_ms: i64,
+}
+
+impl Greeted {
+    /// The tracing span the session runs in.
+    fn span(&self, codec: Codec) -> tracing::Span {
+        let branches: Vec<&str> = self
+            .subscriptions
+            .iter()
+            .map(|s| s.branch.as_str())
+            .collect();
+        tracing::info_span!(
+            "session",
+            tenant = %self.claims.tenant,
+            device = %self.claims.device,
+            role = ?self.claims.role,
+            branches = %branches.join(","),
+            codec = ?codec,
+        )
+    }
+}
+
+/// Reads and checks the hello; closes the socket with the right code if it is refused.
+async fn greet(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>) -> Option<Greeted> {
     let hello = match read_hello(&mut ws, codec, &hub).await {
         Some(Ok(hello)) => hello,
         Some(Err(fatal)) => {
             tracing::debug!(code = %fatal.code, message = %fatal.message, "hello refused");
             close(&mut ws, codec, &fatal, false).await;
-            return;
+            return None;
         }
-        None => return,
+        None => return None,
     };
     let offset_ms = now_ms() - hello.client_time_ms;
-    let claims = match admit(&hub, &hello) {
-        Ok(claims) => claims,
+    match admit(&hub, &hello) {
+        Ok(claims) => Some(Greeted {
+            ws,
+            claims,
+            subscriptions: hello.subscriptions,
+            offset_ms,
+        }),
         Err(fatal) => {
             tracing::debug!(code = %fatal.code, message = %fatal.message, "hello refused");
             close(&mut ws, codec, &fatal, false).await;
-            return;
+            None
         }
-    };
-    let branches: Vec<&str> = hello
-        .subscriptions
-        .iter()
-        .map(|s| s.branch.as_str())
-        .collect();
-    let span = tracing::info_span!(
-        "session",
-        tenant = %claims.tenant,
-        device = %claims.device,
-        role = ?claims.role,
-        branches = %branches.join(","),
-        codec = ?codec,
-    );
-    admitted(ws, codec, hub, claims, hello.subscriptions, offset_ms)
-        .instrument(span)
-        .await;
-    drop(conn);
+    }
 }
 
 /// Serves a session whose hello was accepted, until it ends.
-async fn admitted(
-    mut ws: WebSocket,
-    codec: Codec,
-    hub: Arc<Hub>,
-    claims: Claims,
-    subscriptions: Vec<Subscription>,
-    offset_ms: i64,
-) {
-    hub.metrics.sessions.increment(1.0);
-    let mut session = Session::new(hub.clone(), codec, claims, offset_ms);
-    hub.register_session(
-        &session.claims.tenant,
-        &session.claims.device,
-        session.ctl.clone(),
-    );
-    tracing::debug!(session = %session.ctl.id, "session open");
-    let fatal = match session.start(subscriptions).await {
-        Ok(()) => session.serve(&mut ws).await,
-        Err(fatal) => Some(fatal),
-    };
-    match &fatal {
-        Some(fatal) => {
-            tracing::debug!(code = %fatal.code, message = %fatal.message, "session closed by the hub");
-            session.out.clear();
-            close(&mut ws, codec, fatal, true).await;
+fn admitted(greeted: Greeted, codec: Codec, hub: Arc<Hub>) -> impl Future<Output = ()> {
+    // Built outside the async block so that each value is held once by the future (an async
+    // fn would keep its argument and the values taken out of it).
+    let Greeted {
+        mut ws,
+        claims,
+        subscriptions,
+        offset_ms,
+    } = greeted;
+    let mut session = Session::new(hub, codec, claims, offset_ms);
+    async move {
+        let hub = session.hub.clone();
+        hub.metrics.sessions.increment(1.0);
+        hub.register_session(
+            &session.claims.tenant,
+            &session.claims.device,
+            session.ctl.clone(),
+        );
+        tracing::debug!(session = %session.ctl.id, "session open");
+        // Boxed: the hello's subscriptions run once, and their future would otherwise be part
+        // of every idle session's task.
+        let fatal = match Box::pin(session.start(subscriptions)).await {
+            Ok(()) => session.serve(&mut ws).await,
+            Err(fatal) => Some(fatal),
+        };
+        match &fatal {
+            Some(fatal) => {
+                tracing::debug!(code = %fatal.code, message = %fatal.message, "session closed by the hub");
+                session.out.clear();
+                Box::pin(close(&mut ws, codec, fatal, true)).await;
+            }
+            None => tracing::debug!("session closed by the client"),
         }
-        None => tracing::debug!("session closed by the client"),
+        session.finish();
+        hub.unregister_session(
+            &session.claims.tenant,
+            &session.claims.device,
+            session.ctl.id,
+        );
+        hub.metrics.sessions.decrement(1.0);
     }
-    session.finish();
-    hub.unregister_session(
-        &session.claims.tenant,
-        &session.claims.device,
-        session.ctl.id,
-    );
-    hub.metrics.sessions.decrement(1.0);
 }
 
 /// Reads the first frame, which must be a `hello`; `None` if the client went away.
@@ -579,7 +625,9 @@ impl Session {
                 msg = ws.next(), if can_read => match msg {
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
-                        match self.incoming(msg).await {
+                        // Boxed: handling a frame (a publish holds a whole event across its awaits) is
+                        // short-lived; inline, its future would be part of every idle session's task.
+                        match Box::pin(self.incoming(msg)).await {
                             Ok(true) => {}
                             Ok(false) => return None,
                             Err(fatal) => return Some(fatal),
@@ -974,5 +1022,33 @@ mod tests {
             Take::Drop,
             "catch-up reads these from the log"
         );
+    }
+}
+#[cfg(test)]
+mod task_size {
+    use super::*;
+
+    fn future_size<F: Future>(_: impl FnOnce() -> F) -> usize {
+        size_of::<F>()
+    }
+
+    /// Every connection's task holds the session future for its whole life, so its size is
+    /// part of what an idle connection costs (DESIGN.md: at most 12 KiB in all). Rare, deep
+    /// work (the hello, branch opening, handling a frame) is boxed to keep it out; this fails
+    /// if a change pulls it back in.
+    #[test]
+    #[allow(unreachable_code, clippy::diverging_sub_expression)]
+    fn the_session_future_stays_small() {
+        let run = future_size(|| {
+            run(
+                unreachable!(),
+                Codec::MsgPack,
+                unreachable!(),
+                unreachable!(),
+            )
+        });
+        let serve = future_size(|| Session::serve(unreachable!(), unreachable!()));
+        assert!(run <= 2048, "the session future is {run} bytes");
+        assert!(serve <= 512, "the session loop future is {serve} bytes");
     }
 }
