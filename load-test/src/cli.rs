@@ -144,7 +144,8 @@ pub struct RunArgs {
     /// Events the resuming clients are behind (`catchup`, `reconnect-storm`).
     #[arg(long)]
     pub behind: Option<u64>,
-    /// Unanswered publishes per publisher when no `--rate` is set (`publish`).
+    /// Unanswered publishes per publisher: the load without `--rate` [default: 8]; with
+    /// `--rate`, a cap on the backlog a slow hub may hold [default: 128].
     #[arg(long)]
     pub inflight: Option<usize>,
     /// Storm followers reconnect after a random wait up to this.

@@ -29,14 +29,31 @@ use crate::wire::{self, Payload};
 /// How a publisher paces itself.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Pace {
-    /// This many events per second, open loop.
-    Rate(f64),
+    /// This many events per second, open loop, with at most `max_inflight` unanswered: a hub
+    /// that falls behind leaves the backlog in the harness (still stamped with intended
+    /// times), not in the hub's queues, so its memory stays what a real fleet would cause.
+    Rate {
+        /// Events per second.
+        per_s: f64,
+        /// Most publishes unanswered at once.
+        max_inflight: usize,
+    },
     /// Keep this many publishes unanswered, closed loop.
     Window(usize),
 }
 
 /// The hub's default limit on one session's unanswered publishes; more only stalls its reads.
 pub const MAX_INFLIGHT: usize = 1_024;
+
+impl Pace {
+    fn cap(self) -> usize {
+        match self {
+            Pace::Rate { max_inflight, .. } => max_inflight,
+            Pace::Window(n) => n,
+        }
+        .clamp(1, MAX_INFLIGHT)
+    }
+}
 
 /// How long a publisher pauses after a `rate_limited` answer.
 pub const RATE_LIMIT_PAUSE: u64 = 50_000_000;
@@ -111,8 +128,8 @@ impl Publisher {
 
     fn intended_ns(&self, k: u64) -> Option<u64> {
         match (self.plan.pace, self.started_ns) {
-            (Pace::Rate(rate), Some(start)) if rate > 0.0 => {
-                Some(start + (k as f64 * 1e9 / rate) as u64)
+            (Pace::Rate { per_s, .. }, Some(start)) if per_s > 0.0 => {
+                Some(start + (k as f64 * 1e9 / per_s) as u64)
             }
             _ => None,
         }
@@ -121,7 +138,7 @@ impl Publisher {
     /// When the next paced publish is due (harness clock), if the publisher is waiting for
     /// time rather than for answers.
     pub fn next_due(&self) -> Option<u64> {
-        if self.stopped || self.rewind_to.is_some() || self.inflight.len() >= MAX_INFLIGHT {
+        if self.stopped || self.rewind_to.is_some() || self.inflight.len() >= self.plan.pace.cap() {
             return None;
         }
         if self.paused_until.is_some() {
@@ -143,21 +160,12 @@ impl Publisher {
         self.started_ns.get_or_insert(now_ns);
         loop {
             let stamp_ns = match self.plan.pace {
-                Pace::Window(n) => {
-                    if self.inflight.len() >= n.min(MAX_INFLIGHT) {
-                        return Ok(());
-                    }
-                    now_ns
-                }
-                Pace::Rate(_) => {
-                    if self.inflight.len() >= MAX_INFLIGHT {
-                        return Ok(());
-                    }
-                    match self.intended_ns(self.scheduled) {
-                        Some(t) if t <= now_ns => t,
-                        _ => return Ok(()),
-                    }
-                }
+                _ if self.inflight.len() >= self.plan.pace.cap() => return Ok(()),
+                Pace::Window(_) => now_ns,
+                Pace::Rate { .. } => match self.intended_ns(self.scheduled) {
+                    Some(t) if t <= now_ns => t,
+                    _ => return Ok(()),
+                },
             };
             let pending = Pending {
                 id: Uuid::now_v7(),
@@ -294,7 +302,10 @@ mod tests {
 
     #[test]
     fn a_rate_is_paced_from_intended_times() {
-        let (mut p, _) = publisher(Pace::Rate(1_000.0));
+        let (mut p, _) = publisher(Pace::Rate {
+            per_s: 1_000.0,
+            max_inflight: 100,
+        });
         let mut out = Vec::new();
         p.fill(1_000_000_000, &mut out).unwrap();
         assert_eq!(out.len(), 1, "the first event is due at once");
@@ -303,6 +314,16 @@ mod tests {
         assert_eq!(out.len(), 11, "10.5 ms later ten more are due");
         let stamps: Vec<u64> = p.inflight.iter().map(|x| x.stamp_ns).collect();
         assert_eq!(stamps[10], 1_010_000_000, "stamped with the intended time");
+        p.fill(1_500_000_000, &mut out).unwrap();
+        assert_eq!(p.inflight(), 100, "no more unanswered than the cap");
+        assert_eq!(p.next_due(), None, "waiting for answers, not time");
+        let first = p.inflight.front().unwrap().id.to_string();
+        p.accepted(Some(&first), 1, false, 1_500_000_000);
+        out.clear();
+        p.fill(1_500_000_000, &mut out).unwrap();
+        assert_eq!(out.len(), 1);
+        let last = p.inflight.back().unwrap().stamp_ns;
+        assert_eq!(last, 1_100_000_000, "the backlog keeps its intended times");
     }
 
     #[test]

@@ -38,7 +38,10 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
 pub(super) fn start_publishers(env: &mut Env, payload: &Payload) -> anyhow::Result<()> {
     let p = env.p.clone();
     let pace = match p.rate {
-        Some(rate) => Pace::Rate(rate / p.publishers as f64),
+        Some(rate) => Pace::Rate {
+            per_s: rate / p.publishers as f64,
+            max_inflight: p.inflight,
+        },
         None => Pace::Window(p.inflight),
     };
     for b in 0..p.branches {

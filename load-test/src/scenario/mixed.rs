@@ -29,7 +29,10 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     }
     env.connected("admins").await?;
     let pace = match p.rate {
-        Some(rate) => Pace::Rate(rate / p.publishers as f64),
+        Some(rate) => Pace::Rate {
+            per_s: rate / p.publishers as f64,
+            max_inflight: p.inflight,
+        },
         None => Pace::Window(p.inflight),
     };
     for (b, branch) in all.iter().enumerate() {

@@ -56,7 +56,7 @@ pub struct Params {
     pub connections: usize,
     /// Events behind.
     pub behind: u64,
-    /// Unanswered publishes per publisher (closed loop).
+    /// Unanswered publishes per publisher (the load without a rate, a cap with one).
     pub inflight: usize,
     /// Reconnect jitter, seconds.
     pub jitter_s: f64,
@@ -136,7 +136,12 @@ impl Params {
                 Catchup => 100_000,
                 _ => 100,
             }),
-            inflight: args.inflight.unwrap_or(8).max(1),
+            // Without a rate the window is the load; with one it only caps the backlog a slow
+            // hub may hold, generously enough that a healthy hub never meets it.
+            inflight: args
+                .inflight
+                .unwrap_or(if rate.is_some() { 128 } else { 8 })
+                .max(1),
             jitter_s: secs(args.jitter, 1.0),
             connect_rate: args.connect_rate.unwrap_or(1_500),
             settle_s: secs(args.settle, 5.0),
@@ -540,12 +545,22 @@ impl Env {
         self.progress.phase("draining");
         self.set_signal(|s| s.publishing = false);
         let publishers = self.publishers.clone();
-        self.wait_until(Duration::from_secs(15), |_| {
-            publishers
+        let answered = self
+            .wait_until(Duration::from_secs(30), |_| {
+                publishers.iter().all(|p| {
+                    p.inflight.load(Ordering::Acquire) == 0 || p.done.load(Ordering::Acquire)
+                })
+            })
+            .await;
+        if !answered {
+            let unanswered: u64 = publishers
                 .iter()
-                .all(|p| p.inflight.load(Ordering::Acquire) == 0 || p.done.load(Ordering::Acquire))
-        })
-        .await;
+                .map(|p| p.inflight.load(Ordering::Acquire))
+                .sum();
+            self.stats.error(format!(
+                "{unanswered} publishes still unanswered 30 s after publishing stopped"
+            ));
+        }
         let heads: Vec<u64> = self
             .heads
             .iter()
