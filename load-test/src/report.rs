@@ -315,17 +315,22 @@ impl Report {
                 ),
             ));
         }
-        if let Some(m) = &self.hub_metrics {
+        if let Some(m) = self.hub_metrics.as_ref().filter(|m| {
+            m.commits_per_s > 0.0
+                || m.catchups + m.too_slow_closes + m.refused_connections + m.replayed_events > 0
+        }) {
             let opt = |v: Option<f64>, unit: &str| {
                 v.map_or_else(|| "-".into(), |v| format!("{v:.2}{unit}"))
             };
             rows.push((
                 "hub commits",
                 format!(
-                    "{:.0}/s, {} each, {} writes each; catch-up cut-overs {}, too slow {}, 503s {}",
+                    "{:.0}/s, {} each, {} writes each; replayed {}, catch-up cut-overs {}, \
+                     too slow {}, 503s {}",
                     m.commits_per_s,
                     opt(m.commit_ms_mean, " ms"),
                     opt(m.ops_per_commit, ""),
+                    thousands(m.replayed_events),
                     m.catchups,
                     m.too_slow_closes,
                     m.refused_connections
