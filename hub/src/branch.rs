@@ -569,9 +569,17 @@ impl Writer {
             let Round { mut item, events } = round;
             item.head = self.head;
             if !events.is_empty() {
-                item.ops.push(Op::Head {
+                // The round's events, head and device counters go to the store as one value
+                // each (see `log`); the dedup and state ops are already in `item.ops`.
+                item.ops.push(Op::Round {
                     branch: self.shared.key.clone(),
+                    events: events.clone(),
                     head: self.head,
+                    devices: self
+                        .devices
+                        .iter()
+                        .map(|(d, seq)| (d.clone(), *seq))
+                        .collect(),
                 });
                 let now = now_ms();
                 lock(&self.shared.rate).add(events.len() as u64, now);
@@ -856,11 +864,6 @@ impl Writer {
         }
         self.devices.insert(device.clone(), device_seq);
         self.shared.note_device_seq(device, device_seq);
-        round.item.ops.push(Op::DeviceSeq {
-            branch: self.shared.key.clone(),
-            device: device.clone(),
-            seq: device_seq,
-        });
         self.ctx.metrics.publish("accepted");
         self.accepted(event_id, seq, false)
     }
@@ -879,12 +882,6 @@ impl Writer {
         })?;
         let branch = self.shared.key.clone();
         let ops = &mut round.item.ops;
-        ops.push(Op::Event {
-            branch: branch.clone(),
-            seq: event.seq,
-            server_time_ms: event.server_time_ms,
-            bytes: bytes.clone(),
-        });
         ops.push(Op::Dedup {
             branch: branch.clone(),
             event_id: event.event_id,

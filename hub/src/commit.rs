@@ -129,7 +129,9 @@ fn run(
         } else if ops.is_empty() {
             Ok(())
         } else {
-            log.commit(&ops, durable).map_err(Some)
+            log.apply(&ops)
+                .and_then(|()| if durable { log.flush() } else { Ok(()) })
+                .map_err(Some)
         };
         match result {
             Ok(()) => {

@@ -11,14 +11,17 @@
 //! | key | value |
 //! |---|---|
 //! | `M` B | epoch (u64), created (i64 ms) |
-//! | `H` B | head seq (u64), written by commits |
+//! | `H` B | head seq (u64) and every device's last applied `device_seq`, written by commits |
 //! | `F` B | floor seq (u64), written by retention |
-//! | `E` B seq | server time (i64 ms) then the event as MessagePack, ready to send |
+//! | `E` B last_seq | the events one writer round added to the branch, up to `last_seq`: for each, seq (u64), server time (i64 ms), length (u32) and the event as MessagePack, ready to send |
 //! | `D` B event_id | seq, content hash, server time: the dedup index |
-//! | `V` B device | last applied `device_seq` |
 //! | `P` B sku | product state (MessagePack) |
 //! | `S` B sku | stock on hand (i64) |
 //! | `C` B conflict_id | conflict record (MessagePack); ids are UUID v7, so newest last |
+//!
+//! Events are stored a round at a time because sled's cost is per key: one value per branch
+//! per round, plus one dedup key per event, is half the keys of a key per event, device and
+//! head, and so twice the durable publish rate.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -135,23 +138,17 @@ pub struct LoadedBranch {
 /// One write of a commit. A commit applies all its ops atomically.
 #[derive(Clone, Debug)]
 pub enum Op {
-    /// An event at `seq`.
-    Event {
+    /// What one writer round added to a branch: its events (consecutive seqs), the head
+    /// after them and every device's last applied `device_seq`.
+    Round {
         /// The branch.
         branch: Arc<BranchKey>,
-        /// Its seq.
-        seq: u64,
-        /// When it was sequenced.
-        server_time_ms: UnixMillis,
-        /// Its MessagePack encoding.
-        bytes: Bytes,
-    },
-    /// The branch head after this commit.
-    Head {
-        /// The branch.
-        branch: Arc<BranchKey>,
-        /// The new head.
+        /// The events, in seq order, at least one.
+        events: Vec<StoredEvent>,
+        /// The head after them (the last event's seq).
         head: u64,
+        /// Every device of the branch with its last applied `device_seq`.
+        devices: Vec<(Name, u64)>,
     },
     /// A dedup entry for an accepted event.
     Dedup {
@@ -161,15 +158,6 @@ pub enum Op {
         event_id: Uuid,
         /// What to remember.
         entry: DedupEntry,
-    },
-    /// A device's last applied `device_seq`.
-    DeviceSeq {
-        /// The branch.
-        branch: Arc<BranchKey>,
-        /// The device.
-        device: Name,
-        /// Its last applied `device_seq`.
-        seq: u64,
     },
     /// A product's state, encoded.
     Product {
@@ -225,10 +213,11 @@ pub trait EventLog: Send + Sync + 'static {
     /// Opens a branch, creating its log (with a fresh epoch, durably) if it has none.
     fn open_branch(&self, branch: &BranchKey) -> Result<LoadedBranch, StoreError>;
 
-    /// Applies `ops` atomically; when `durable`, returns only after they are on disk.
-    fn commit(&self, ops: &[Op], durable: bool) -> Result<(), StoreError>;
+    /// Applies `ops` atomically. They are readable at once but durable only after the next
+    /// [`flush`](EventLog::flush) that starts after this returns.
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
 
-    /// Forces everything committed so far to disk.
+    /// Makes everything applied so far durable.
     fn flush(&self) -> Result<(), StoreError>;
 
     /// Events with `after < seq <= until`, in order, at most `limit`.
@@ -280,7 +269,6 @@ const HEAD: u8 = b'H';
 const FLOOR: u8 = b'F';
 const EVENT: u8 = b'E';
 const DEDUP: u8 = b'D';
-const DEVICE: u8 = b'V';
 const PRODUCT: u8 = b'P';
 const STOCK: u8 = b'S';
 const CONFLICT: u8 = b'C';
@@ -319,6 +307,94 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T,
         })
 }
 
+/// Appends one event to a round value: seq, server time, length, bytes.
+fn push_entry(value: &mut Vec<u8>, event: &StoredEvent) {
+    value.extend_from_slice(&event.seq.to_be_bytes());
+    value.extend_from_slice(&event.server_time_ms.to_be_bytes());
+    value.extend_from_slice(
+        &u32::try_from(event.bytes.len())
+            .unwrap_or(u32::MAX)
+            .to_be_bytes(),
+    );
+    value.extend_from_slice(&event.bytes);
+}
+
+/// The events of a round value, sharing its bytes.
+fn entries(value: Bytes) -> impl Iterator<Item = Result<StoredEvent, StoreError>> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= value.len() {
+            return None;
+        }
+        let entry = (|| {
+            let seq = u64_at(&value, at, "round")?;
+            let server_time_ms = i64_at(&value, at + 8, "round")?;
+            let len = value
+                .get(at + 16..at + 20)
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or_else(|| StoreError::Corrupt {
+                    key: "round".into(),
+                    why: "truncated entry".into(),
+                })? as usize;
+            let start = at + 20;
+            if start + len > value.len() {
+                return Err(StoreError::Corrupt {
+                    key: "round".into(),
+                    why: "entry past the end".into(),
+                });
+            }
+            at = start + len;
+            Ok(StoredEvent {
+                seq,
+                server_time_ms,
+                bytes: value.slice(start..start + len),
+            })
+        })();
+        if entry.is_err() {
+            at = value.len();
+        }
+        Some(entry)
+    })
+}
+
+/// The `H` value: the head, then each device as name length, name and `device_seq`.
+fn encode_head(head: u64, devices: &[(Name, u64)]) -> Vec<u8> {
+    let mut value = Vec::with_capacity(8 + devices.len() * 24);
+    value.extend_from_slice(&head.to_be_bytes());
+    for (device, seq) in devices {
+        let name = device.as_str().as_bytes();
+        value.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
+        value.extend_from_slice(name);
+        value.extend_from_slice(&seq.to_be_bytes());
+    }
+    value
+}
+
+fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
+    let corrupt = || StoreError::Corrupt {
+        key: "head".into(),
+        why: "bad device entry".into(),
+    };
+    let head = u64_at(value, 0, "head")?;
+    let mut devices = HashMap::new();
+    let mut at = 8;
+    while at < value.len() {
+        let len = usize::from(value[at]);
+        let name = value.get(at + 1..at + 1 + len).ok_or_else(corrupt)?;
+        let device = std::str::from_utf8(name)
+            .ok()
+            .and_then(|n| Name::new(n).ok())
+            .ok_or_else(corrupt)?;
+        devices.insert(device, u64_at(value, at + 1 + len, "head")?);
+        at += 1 + len + 8;
+    }
+    Ok((head, devices))
+}
+
+/// How long opening a store waits for a lock held by a hub stopping in this process.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The replay log in an embedded sled database.
 pub struct SledLog {
     db: sled::Db,
@@ -327,17 +403,33 @@ pub struct SledLog {
 
 impl SledLog {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// If the store is still locked by a hub that is stopping in this process (sled's
+    /// background threads let go of it shortly after the last handle is dropped), waits for it
+    /// up to [`LOCK_WAIT`].
     pub fn open(dir: &Path, cache_bytes: u64, fsync: FsyncMode) -> Result<Self, StoreError> {
         let flush_every = match fsync {
             // Commits flush themselves; sled's own background flush adds nothing but is harmless.
             FsyncMode::Always => Some(500),
             FsyncMode::Interval(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(flush_every)
-            .open()?;
+            .flush_every_ms(flush_every);
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let db = loop {
+            match config.open() {
+                // sled reports a held lock only as an I/O error with this text.
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other?,
+            }
+        };
         let tree = db.open_tree("log")?;
         Ok(Self { db, tree })
     }
@@ -347,8 +439,11 @@ impl SledLog {
         let (mut count, mut bytes) = (0, 0);
         for kv in self.scan(EVENT, branch) {
             let (k, v) = kv?;
-            count += 1;
             bytes += (k.len() + v.len()) as u64;
+            for entry in entries(Bytes::from_owner(v)) {
+                entry?;
+                count += 1;
+            }
         }
         Ok((count, bytes))
     }
@@ -390,27 +485,21 @@ impl EventLog for SledLog {
                 }
             }
         };
-        let head = self.read_u64(&key(HEAD, branch, &[]), "head")?.unwrap_or(0);
+        let (head, devices) = match self.tree.get(key(HEAD, branch, &[]))? {
+            Some(value) => decode_head(&value)?,
+            None => (0, HashMap::new()),
+        };
         let floor = self
             .read_u64(&key(FLOOR, branch, &[]), "floor")?
             .unwrap_or(0);
-        let head_time_ms = match self.tree.get(key(EVENT, branch, &head.to_be_bytes()))? {
-            Some(v) => i64_at(&v, 0, "event")?,
+        let head_time_ms = match self.scan(EVENT, branch).next_back().transpose()? {
+            Some((_, v)) => entries(Bytes::from_owner(v))
+                .last()
+                .transpose()?
+                .map_or(0, |e| e.server_time_ms),
             None => 0,
         };
-        let prefix_len = key(DEVICE, branch, &[]).len();
-        let mut devices = HashMap::new();
-        for kv in self.scan(DEVICE, branch) {
-            let (k, v) = kv?;
-            let device = std::str::from_utf8(&k[prefix_len..])
-                .ok()
-                .and_then(|s| Name::new(s).ok())
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: "device".into(),
-                    why: "bad name".into(),
-                })?;
-            devices.insert(device, u64_at(&v, 0, "device")?);
-        }
+        let prefix_len = key(PRODUCT, branch, &[]).len();
         let sku_of = |k: &[u8]| {
             std::str::from_utf8(&k[prefix_len..])
                 .ok()
@@ -443,23 +532,23 @@ impl EventLog for SledLog {
         })
     }
 
-    fn commit(&self, ops: &[Op], durable: bool) -> Result<(), StoreError> {
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
         for op in ops {
             match op {
-                Op::Event {
+                Op::Round {
                     branch,
-                    seq,
-                    server_time_ms,
-                    bytes,
+                    events,
+                    head,
+                    devices,
                 } => {
-                    let mut value = Vec::with_capacity(8 + bytes.len());
-                    value.extend_from_slice(&server_time_ms.to_be_bytes());
-                    value.extend_from_slice(bytes);
-                    batch.insert(key(EVENT, branch, &seq.to_be_bytes()), value);
-                }
-                Op::Head { branch, head } => {
-                    batch.insert(key(HEAD, branch, &[]), &head.to_be_bytes());
+                    let size = events.iter().map(|e| 20 + e.bytes.len()).sum();
+                    let mut value = Vec::with_capacity(size);
+                    for event in events {
+                        push_entry(&mut value, event);
+                    }
+                    batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
+                    batch.insert(key(HEAD, branch, &[]), encode_head(*head, devices));
                 }
                 Op::Dedup {
                     branch,
@@ -471,16 +560,6 @@ impl EventLog for SledLog {
                     value[8..16].copy_from_slice(&entry.hash.to_be_bytes());
                     value[16..].copy_from_slice(&entry.server_time_ms.to_be_bytes());
                     batch.insert(key(DEDUP, branch, event_id.as_bytes()), &value);
-                }
-                Op::DeviceSeq {
-                    branch,
-                    device,
-                    seq,
-                } => {
-                    batch.insert(
-                        key(DEVICE, branch, device.as_str().as_bytes()),
-                        &seq.to_be_bytes(),
-                    );
                 }
                 Op::Product { branch, sku, state } => {
                     batch.insert(
@@ -504,9 +583,6 @@ impl EventLog for SledLog {
             }
         }
         self.tree.apply_batch(batch)?;
-        if durable {
-            self.db.flush()?;
-        }
         Ok(())
     }
 
@@ -525,18 +601,22 @@ impl EventLog for SledLog {
         if until <= after || limit == 0 {
             return Ok(Vec::new());
         }
+        // Rounds are keyed by their last seq: the first one at or past `after + 1` holds it.
         let start = key(EVENT, branch, &(after + 1).to_be_bytes());
-        let end = key(EVENT, branch, &until.to_be_bytes());
+        let end = key(EVENT, branch, &u64::MAX.to_be_bytes());
         let mut out = Vec::with_capacity(limit.min((until - after) as usize));
-        for kv in self.tree.range(start..=end).take(limit) {
-            let (k, v) = kv?;
-            let seq = u64_at(&k, k.len() - 8, "event key")?;
-            let server_time_ms = i64_at(&v, 0, "event")?;
-            out.push(StoredEvent {
-                seq,
-                server_time_ms,
-                bytes: Bytes::from_owner(v).slice(8..),
-            });
+        for kv in self.tree.range(start..=end) {
+            let (_, value) = kv?;
+            for entry in entries(Bytes::from_owner(value)) {
+                let event = entry?;
+                if event.seq <= after {
+                    continue;
+                }
+                if event.seq > until || out.len() >= limit {
+                    return Ok(out);
+                }
+                out.push(event);
+            }
         }
         Ok(out)
     }
@@ -604,11 +684,14 @@ impl EventLog for SledLog {
         // Server times grow with seq, so the events before the cutoff are a prefix of the log.
         let mut last = None;
         for kv in self.scan(EVENT, branch) {
-            let (k, v) = kv?;
-            if i64_at(&v, 0, "event")? >= cutoff_ms {
-                break;
+            let (_, value) = kv?;
+            for entry in entries(Bytes::from_owner(value)) {
+                let event = entry?;
+                if event.server_time_ms >= cutoff_ms {
+                    return Ok(last);
+                }
+                last = Some(event.seq);
             }
-            last = Some(u64_at(&k, k.len() - 8, "event key")?);
         }
         Ok(last)
     }
@@ -619,14 +702,17 @@ impl EventLog for SledLog {
         self.tree
             .insert(key(FLOOR, branch, &[]), &floor.to_be_bytes())?;
         self.db.flush()?;
+        // Rounds are keyed by their last seq: those at or below the floor go whole. A round
+        // across the floor stays; its events at or below the floor are never read again.
         let end = key(EVENT, branch, &floor.to_be_bytes());
-        let mut removed = 0;
+        let (mut removed, mut rounds) = (0, 0);
         let mut batch = sled::Batch::default();
         for kv in self.tree.range(key(EVENT, branch, &[])..=end) {
-            let (k, _) = kv?;
+            let (k, value) = kv?;
+            removed += entries(Bytes::from_owner(value)).count() as u64;
             batch.remove(k);
-            removed += 1;
-            if removed % 10_000 == 0 {
+            rounds += 1;
+            if rounds % 10_000 == 0 {
                 self.tree.apply_batch(std::mem::take(&mut batch))?;
             }
         }
@@ -694,19 +780,23 @@ mod tests {
         let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
         let b = Arc::new(branch("acme", "b1"));
         log.open_branch(&b).unwrap();
-        let ops: Vec<Op> = (1..=300u64)
-            .map(|seq| Op::Event {
+        // Three rounds of 100 events each.
+        let ops: Vec<Op> = (0..3u64)
+            .map(|round| Op::Round {
                 branch: b.clone(),
-                seq,
-                server_time_ms: 1_000 + seq as i64,
-                bytes: Bytes::from(seq.to_string()),
+                events: (round * 100 + 1..=round * 100 + 100)
+                    .map(|seq| StoredEvent {
+                        seq,
+                        server_time_ms: 1_000 + seq as i64,
+                        bytes: Bytes::from(seq.to_string()),
+                    })
+                    .collect(),
+                head: round * 100 + 100,
+                devices: vec![(Name::new("till-1").unwrap(), round + 1)],
             })
-            .chain([Op::Head {
-                branch: b.clone(),
-                head: 300,
-            }])
             .collect();
-        log.commit(&ops, true).unwrap();
+        log.apply(&ops).unwrap();
+        log.flush().unwrap();
         let got = log.read_events(&b, 255, 300, 10).unwrap();
         let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
         assert_eq!(
@@ -720,10 +810,36 @@ mod tests {
             1,
             "until is inclusive"
         );
+        assert_eq!(
+            log.read_events(&b, 150, 300, 3)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect::<Vec<_>>(),
+            [151, 152, 153]
+        );
         assert_eq!(log.last_seq_before(&b, 1_101).unwrap(), Some(100));
-        assert_eq!(log.trim(&b, 100).unwrap(), 100);
+        assert_eq!(
+            log.trim(&b, 100).unwrap(),
+            100,
+            "the first round goes whole"
+        );
+        assert_eq!(
+            log.trim(&b, 150).unwrap(),
+            0,
+            "a round across the floor stays"
+        );
         let loaded = log.open_branch(&b).unwrap();
-        assert_eq!((loaded.head, loaded.floor), (300, 100));
-        assert_eq!(log.read_events(&b, 0, 300, 1).unwrap()[0].seq, 101);
+        assert_eq!(
+            (loaded.head, loaded.floor, loaded.head_time_ms),
+            (300, 150, 1_300)
+        );
+        assert_eq!(
+            loaded.devices.get(&Name::new("till-1").unwrap()),
+            Some(&3),
+            "devices as of the last round"
+        );
+        assert_eq!(log.read_events(&b, 150, 300, 1).unwrap()[0].seq, 151);
+        assert_eq!(log.event_stats(&b).unwrap().0, 200);
     }
 }

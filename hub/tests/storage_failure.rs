@@ -22,25 +22,40 @@ use branchline_hub::server::{Hub, serve};
 use support::*;
 use uuid::Uuid;
 
-/// The sled store, with commits that fail while `fail` is set (as a full or failing disk).
+/// The sled store, whose writes or flushes fail while `fail` is set (as a full or failing
+/// disk).
 struct Faulty {
     inner: SledLog,
     fail: Arc<AtomicBool>,
+    fault: Fault,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    Write,
+    Flush,
+}
+
+fn injected() -> StoreError {
+    StoreError::Engine(sled::Error::Io(std::io::Error::other(
+        "injected: no space left on device",
+    )))
 }
 
 impl EventLog for Faulty {
     fn open_branch(&self, b: &BranchKey) -> Result<LoadedBranch, StoreError> {
         self.inner.open_branch(b)
     }
-    fn commit(&self, ops: &[Op], durable: bool) -> Result<(), StoreError> {
-        if self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Engine(sled::Error::Io(std::io::Error::other(
-                "injected: no space left on device",
-            ))));
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        if matches!(self.fault, Fault::Write) && self.fail.load(Ordering::SeqCst) {
+            return Err(injected());
         }
-        self.inner.commit(ops, durable)
+        self.inner.apply(ops)
     }
     fn flush(&self) -> Result<(), StoreError> {
+        if matches!(self.fault, Fault::Flush) && self.fail.load(Ordering::SeqCst) {
+            return Err(injected());
+        }
         self.inner.flush()
     }
     fn read_events(
@@ -96,7 +111,7 @@ struct Running {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn start(dir: &std::path::Path, fail: Arc<AtomicBool>) -> Running {
+async fn start(dir: &std::path::Path, fail: Arc<AtomicBool>, fault: Fault) -> Running {
     let config = Config {
         data_dir: dir.to_path_buf(),
         store_cache_bytes: 16 << 20,
@@ -105,6 +120,7 @@ async fn start(dir: &std::path::Path, fail: Arc<AtomicBool>) -> Running {
     let log = Faulty {
         inner: SledLog::open(dir, 16 << 20, FsyncMode::Always).unwrap(),
         fail,
+        fault,
     };
     let hub = Hub::with_log(config, SECRET, Arc::new(log)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -123,9 +139,18 @@ async fn start(dir: &std::path::Path, fail: Arc<AtomicBool>) -> Running {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_write_acknowledges_nothing_and_reads_keep_working() {
+    failure_acknowledges_nothing(Fault::Write).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_flush_acknowledges_nothing_and_reads_keep_working() {
+    failure_acknowledges_nothing(Fault::Flush).await;
+}
+
+async fn failure_acknowledges_nothing(fault: Fault) {
     let dir = tempfile::tempdir().unwrap();
     let fail = Arc::new(AtomicBool::new(false));
-    let running = start(dir.path(), fail.clone()).await;
+    let running = start(dir.path(), fail.clone(), fault).await;
     let claims = Claims::new(
         name("acme"),
         Branches::List(vec![name("b1")]),
@@ -164,9 +189,12 @@ async fn a_failed_write_acknowledges_nothing_and_reads_keep_working() {
     }
 
     fail.store(true, Ordering::SeqCst);
+    let mut refused = Vec::new();
     for i in 4..=5 {
-        let refused = till.publish(publish("b1", i, note(i))).await.unwrap_err();
-        assert_eq!(refused.code, ErrorCode::StorageUnavailable);
+        let p = publish("b1", i, note(i));
+        refused.push(p.clone());
+        let rejection = till.publish(p).await.unwrap_err();
+        assert_eq!(rejection.code, ErrorCode::StorageUnavailable);
     }
     // The failure is sticky: the disk "recovers", but nothing more is written until a restart.
     fail.store(false, Ordering::SeqCst);
@@ -236,32 +264,35 @@ async fn a_failed_write_acknowledges_nothing_and_reads_keep_working() {
     running.task.await.unwrap();
     drop(running.hub);
 
-    // After a restart the store holds exactly what was acknowledged, and the device continues
-    // with the number after its last accepted event.
-    let running = start(dir.path(), Arc::new(AtomicBool::new(false))).await;
+    // After a restart the store holds everything acknowledged. A write that failed left
+    // nothing; a flush that failed may or may not have reached the disk (the event was never
+    // acknowledged nor shown, as after a crash). Either way, retrying the refused event
+    // applies it exactly once, and the device goes on from there.
+    let running = start(dir.path(), Arc::new(AtomicBool::new(false)), fault).await;
     let mut till = connect_url(&format!("ws://{}/v1/ws", running.url), Codec::MsgPack).await;
-    let welcome = till
-        .hello(
-            &token,
-            "acme",
-            "till-1",
-            vec![Subscription {
-                branch: name("b1"),
-                from: None,
-            }],
-        )
-        .await;
-    assert_eq!(
-        (
-            welcome.branches[0].head,
-            welcome.branches[0].last_device_seq
+    let live = vec![Subscription {
+        branch: name("b1"),
+        from: None,
+    }];
+    let welcome = till.hello(&token, "acme", "till-1", live).await;
+    let start = &welcome.branches[0];
+    match fault {
+        Fault::Write => assert_eq!((start.head, start.last_device_seq), (3, 3)),
+        Fault::Flush => assert!(
+            [(3, 3), (4, 4)].contains(&(start.head, start.last_device_seq)),
+            "{start:?}"
         ),
-        (3, 3)
-    );
-    assert_eq!(
-        till.publish(publish("b1", 4, note(4))).await.unwrap().seq,
-        4
-    );
+    }
+    let retried = till.publish(refused[0].clone()).await.unwrap();
+    assert_eq!((retried.seq, retried.duplicate), (4, start.head == 4));
+    let next = till
+        .publish(Publish {
+            device_seq: 5,
+            ..refused[1].clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!((next.seq, next.duplicate), (5, false));
     running.stop.send(()).unwrap();
     running.task.await.unwrap();
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -47,9 +48,11 @@ pub enum IdError {
 
 /// A tenant, branch or device name: 1 to 64 ASCII letters, digits, `_`, `-` or `.`.
 ///
-/// Names appear in URL paths and storage keys, so the alphabet is deliberately small.
+/// Names appear in URL paths and storage keys, so the alphabet is deliberately small. They are
+/// shared, not copied: every event carries its branch and device, so a clone is a reference
+/// count, not an allocation.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Name(Box<str>);
+pub struct Name(Arc<str>);
 
 impl Name {
     /// Checks `s` and wraps it.
@@ -66,7 +69,7 @@ impl Name {
                 allowed: "names allow ASCII letters, digits, '_', '-' and '.'",
             });
         }
-        Ok(Self(s.into_boxed_str()))
+        Ok(Self(Arc::from(s)))
     }
 
     /// The name as a string slice.
@@ -75,9 +78,10 @@ impl Name {
     }
 }
 
-/// A stock-keeping unit code: 1 to 64 bytes of UTF-8 without control characters.
+/// A stock-keeping unit code: 1 to 64 bytes of UTF-8 without control characters. Shared like
+/// [`Name`].
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Sku(Box<str>);
+pub struct Sku(Arc<str>);
 
 impl Sku {
     /// Checks `s` and wraps it.
@@ -91,7 +95,7 @@ impl Sku {
                 allowed: "SKUs allow any character but control characters",
             });
         }
-        Ok(Self(s.into_boxed_str()))
+        Ok(Self(Arc::from(s)))
     }
 
     /// The SKU as a string slice.
