@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::commit::{CommitItem, CommitSender, Reply};
+use crate::dedup::DedupFilter;
 use crate::log::{BranchKey, DedupEntry, EventLog, LoadedBranch, Op, StoreError, StoredEvent};
 use crate::metrics::Metrics;
 use crate::room::LiveBatch;
@@ -442,10 +443,24 @@ impl Branches {
                 let ctx = lock(&self.ctx).clone().ok_or(BranchError::Closed)?;
                 let log = ctx.log.clone();
                 let k = key.clone();
-                let loaded = tokio::task::spawn_blocking(move || log.open_branch(&k))
-                    .await
-                    .map_err(|_| BranchError::Closed)??;
-                Ok::<_, BranchError>(Arc::new(spawn_writer(Arc::new(key.clone()), loaded, ctx)))
+                let (loaded, known) = tokio::task::spawn_blocking(move || {
+                    let loaded = log.open_branch(&k)?;
+                    let mut ids = Vec::new();
+                    log.dedup_ids(&k, &mut |id| ids.push(id))?;
+                    let mut known = DedupFilter::with_capacity(ids.len());
+                    for id in &ids {
+                        known.insert(id);
+                    }
+                    Ok::<_, StoreError>((loaded, known))
+                })
+                .await
+                .map_err(|_| BranchError::Closed)??;
+                Ok::<_, BranchError>(Arc::new(spawn_writer(
+                    Arc::new(key.clone()),
+                    loaded,
+                    known,
+                    ctx,
+                )))
             })
             .await?;
         Ok(handle.clone())
@@ -487,7 +502,12 @@ impl BranchError {
     }
 }
 
-fn spawn_writer(key: Arc<BranchKey>, mut loaded: LoadedBranch, ctx: WriterCtx) -> BranchHandle {
+fn spawn_writer(
+    key: Arc<BranchKey>,
+    mut loaded: LoadedBranch,
+    known: DedupFilter,
+    ctx: WriterCtx,
+) -> BranchHandle {
     let tracker = ctx.tracker.clone();
     let state = BranchState::load(
         std::mem::take(&mut loaded.products),
@@ -504,6 +524,7 @@ fn spawn_writer(key: Arc<BranchKey>, mut loaded: LoadedBranch, ctx: WriterCtx) -
         state,
         uncommitted: VecDeque::new(),
         uncommitted_ids: HashMap::new(),
+        known,
         hash_buf: Vec::new(),
         ctx,
     };
@@ -529,6 +550,8 @@ struct Writer {
     state: BranchState,
     uncommitted: VecDeque<Pending>,
     uncommitted_ids: HashMap<Uuid, (u64, u64)>,
+    /// Which event ids the branch may have accepted: most new ids skip the store lookup.
+    known: DedupFilter,
     hash_buf: Vec<u8>,
 }
 
@@ -716,6 +739,9 @@ impl Writer {
         if let Some(found) = self.uncommitted_ids.get(event_id) {
             return Ok(Some(*found));
         }
+        if !self.known.may_contain(event_id) {
+            return Ok(None);
+        }
         Ok(self
             .ctx
             .log
@@ -895,6 +921,7 @@ impl Writer {
         self.head = event.seq;
         self.uncommitted_ids
             .insert(event.event_id, (event.seq, hash));
+        self.known.insert(&event.event_id);
         self.uncommitted.push_back(Pending {
             seq: event.seq,
             event_id: event.event_id,

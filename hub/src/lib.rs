@@ -14,6 +14,7 @@
 //! - [`branch`]: a branch's shared handle and its single writer (sequencing, dedup,
 //!   `device_seq`, state).
 //! - [`state`]: the stock ledger, the catalog and conflict policies.
+//! - [`dedup`]: the in-memory "certainly new" filter in front of the dedup index.
 //! - [`commit`]: the group committer: one atomic write and one flush for many appends.
 //! - [`log`]: the replay log behind the [`EventLog`](log::EventLog) engine boundary, in sled.
 //! - [`snapshot`]: paged snapshots pinned to one seq.
@@ -31,6 +32,7 @@ pub mod auth;
 pub mod branch;
 pub mod commit;
 pub mod config;
+pub mod dedup;
 pub mod http;
 pub mod inspect;
 pub mod log;

@@ -232,6 +232,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// The dedup entry of `event_id`, if it is remembered.
     fn dedup(&self, branch: &BranchKey, event_id: &Uuid) -> Result<Option<DedupEntry>, StoreError>;
 
+    /// Calls `visit` with every event id the dedup index remembers for `branch`.
+    fn dedup_ids(&self, branch: &BranchKey, visit: &mut dyn FnMut(Uuid)) -> Result<(), StoreError>;
+
     /// Conflict records of a branch, newest first, filtered by status.
     fn conflicts(
         &self,
@@ -632,6 +635,19 @@ impl EventLog for SledLog {
                 })
             })
             .transpose()
+    }
+
+    fn dedup_ids(&self, branch: &BranchKey, visit: &mut dyn FnMut(Uuid)) -> Result<(), StoreError> {
+        let prefix = key(DEDUP, branch, &[]).len();
+        for kv in self.scan(DEDUP, branch) {
+            let (k, _) = kv?;
+            let id = Uuid::from_slice(&k[prefix..]).map_err(|e| StoreError::Corrupt {
+                key: "dedup".into(),
+                why: e.to_string(),
+            })?;
+            visit(id);
+        }
+        Ok(())
     }
 
     fn conflicts(

@@ -180,8 +180,8 @@ impl SessionCtl {
     }
 
     /// Resolves when the session is asked to close.
-    pub async fn cancelled(&self) {
-        self.cancel.cancelled().await;
+    pub fn cancelled_owned(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.cancel.clone().cancelled_owned()
     }
 
     /// Why the session was asked to close (`shutting_down` when the hub stops).

@@ -70,6 +70,9 @@ impl EventLog for Faulty {
     fn dedup(&self, b: &BranchKey, id: &Uuid) -> Result<Option<DedupEntry>, StoreError> {
         self.inner.dedup(b, id)
     }
+    fn dedup_ids(&self, b: &BranchKey, visit: &mut dyn FnMut(Uuid)) -> Result<(), StoreError> {
+        self.inner.dedup_ids(b, visit)
+    }
     fn conflicts(
         &self,
         b: &BranchKey,

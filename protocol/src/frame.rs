@@ -9,8 +9,8 @@ use crate::event::EventBody;
 use crate::ids::{Epoch, Name, Position, UnixMillis};
 use crate::model::{ConflictDetail, DeviceInfo, Effect, Role};
 
-/// A frame a client sends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A frame a client sends. (Decoding is hand-written, in `de.rs`, to avoid buffering.)
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientFrame {
     /// Must be the first frame of a session.
@@ -96,7 +96,8 @@ pub struct Unsubscribe {
 }
 
 /// The envelope of a published event. Shared by the `publish` frame and the HTTP batch push.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// (Decoding is hand-written, in `de.rs`.)
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Publish {
     /// The branch to publish to.
     pub branch: Name,
@@ -145,8 +146,8 @@ pub struct Ping {
     pub client_time_ms: UnixMillis,
 }
 
-/// A frame the hub sends.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// A frame the hub sends. (Decoding is hand-written, in `de.rs`, to avoid buffering.)
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
     /// The answer to a good `hello`.
@@ -266,8 +267,8 @@ pub enum StartMode {
     ResyncRequired,
 }
 
-/// `event`: one sequenced event, as stored in the log.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// `event`: one sequenced event, as stored in the log. (Decoding is hand-written, in `de.rs`.)
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Event {
     /// The branch.
     pub branch: Name,

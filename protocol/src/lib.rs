@@ -32,6 +32,7 @@
 //! ```
 
 pub mod codec;
+mod de;
 pub mod error;
 pub mod event;
 pub mod frame;

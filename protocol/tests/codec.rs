@@ -797,3 +797,47 @@ fn unknown_protocol_versions_are_refused_with_an_explanation() {
     let err = check_version(2).unwrap_err();
     assert!(err.contains("version 2") && err.contains("[1]"), "{err}");
 }
+
+/// Peers in other languages may order map keys any way: `type` after other fields, `body`
+/// before `kind`. Those frames take the buffering path and must decode to the same value.
+#[test]
+fn frames_decode_whatever_the_order_of_their_keys() {
+    let publish = ClientFrame::Publish(support::publish());
+    let event = ServerFrame::Event(Box::new(support::event()));
+    let reorder = |value: serde_json::Value| -> Vec<u8> {
+        // serde_json's map keeps keys sorted: `body` < `branch` < … < `kind` < … < `type`.
+        serde_json::to_vec(&value).unwrap()
+    };
+    for codec in Codec::ALL {
+        let sorted = reorder(serde_json::to_value(&publish).unwrap());
+        let bytes = codec.transcode(Codec::Json, &sorted).unwrap();
+        assert_eq!(
+            codec.decode_client_frame(&bytes).unwrap(),
+            publish,
+            "{codec:?}"
+        );
+        let sorted = reorder(serde_json::to_value(&event).unwrap());
+        let bytes = codec.transcode(Codec::Json, &sorted).unwrap();
+        assert_eq!(
+            codec.decode_server_frame(&bytes).unwrap(),
+            event,
+            "{codec:?}"
+        );
+    }
+    let late_type = br#"{"client_time_ms":5,"nonce":1,"type":"ping"}"#;
+    assert_eq!(
+        Codec::Json.decode_client_frame(late_type).unwrap(),
+        ClientFrame::Ping(Ping {
+            nonce: 1,
+            client_time_ms: 5
+        })
+    );
+    let duplicate = br#"{"type":"publish","branch":"b","branch":"c"}"#;
+    assert_eq!(
+        Codec::Json
+            .decode_client_frame(duplicate)
+            .unwrap_err()
+            .code(),
+        ErrorCode::InvalidField
+    );
+}

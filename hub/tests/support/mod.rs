@@ -78,6 +78,9 @@ pub enum Incoming {
 pub struct Ws {
     inner: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub codec: Codec,
+    /// Event frames read while waiting for a publish's answer (the hub may send a session's
+    /// own event before or after its `accepted`), kept for `events_through`.
+    stash: Vec<ServerFrame>,
 }
 
 /// Opens a WebSocket speaking `codec`.
@@ -119,7 +122,11 @@ pub async fn connect_url(url: &str, codec: Codec) -> Ws {
             .and_then(|v| v.to_str().ok()),
         Some(codec.subprotocol())
     );
-    Ws { inner, codec }
+    Ws {
+        inner,
+        codec,
+        stash: Vec::new(),
+    }
 }
 
 impl Ws {
@@ -214,26 +221,37 @@ impl Ws {
     /// Collects the events of `branch` until one with seq ≥ `through` arrived.
     pub async fn events_through(&mut self, branch: &str, through: u64) -> Vec<Event> {
         let mut out: Vec<Event> = Vec::new();
+        let mut stashed = std::mem::take(&mut self.stash).into_iter();
         while out.last().is_none_or(|e| e.seq < through) {
-            match self.frame().await {
+            let frame = match stashed.next() {
+                Some(frame) => frame,
+                None => self.frame().await,
+            };
+            match frame {
                 ServerFrame::Event(e) if e.branch.as_str() == branch => out.push(*e),
                 ServerFrame::Events(b) if b.branch.as_str() == branch => out.extend(b.events),
                 _ => {}
             }
         }
+        // Stashed frames not needed yet stay, ahead of anything read later.
+        let rest: Vec<ServerFrame> = stashed.collect();
+        self.stash.splice(0..0, rest);
         out
     }
 
-    /// Publishes and waits for the answer (other frames are skipped).
+    /// Publishes and waits for the answer. Event frames that arrive meanwhile are kept for
+    /// [`Ws::events_through`]; other frames are skipped.
     pub async fn publish(&mut self, p: Publish) -> Result<Accepted, Rejected> {
         let id = p.event_id;
         self.send(&ClientFrame::Publish(p)).await;
-        self.until(|f| match f {
-            ServerFrame::Accepted(a) if a.event_id == id => Some(Ok(a.clone())),
-            ServerFrame::Rejected(r) if r.event_id == Some(id) => Some(Err(r.clone())),
-            _ => None,
-        })
-        .await
+        loop {
+            match self.frame().await {
+                ServerFrame::Accepted(a) if a.event_id == id => return Ok(a),
+                ServerFrame::Rejected(r) if r.event_id == Some(id) => return Err(r),
+                frame @ (ServerFrame::Event(_) | ServerFrame::Events(_)) => self.stash.push(frame),
+                _ => {}
+            }
+        }
     }
 
     /// Publishes everything pipelined while reading the answers concurrently (a client that
