@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use branchline_protocol::http::{PushResult, ResolveRequest, ResolveResponse};
 use branchline_protocol::{
-    Accepted, Codec, ConflictStatus, DeviceInfo, Epoch, ErrorCode, Event, EventBody, HUB_DEVICE,
-    Name, Publish, Rejected, Role, Sku, UnixMillis, now_ms,
+    Accepted, Codec, DeviceInfo, Epoch, ErrorCode, Event, EventBody, HUB_DEVICE, Name, Publish,
+    Rejected, Role, Sku, UnixMillis, now_ms,
 };
 use dashmap::DashMap;
 use serde::Serialize;
@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::commit::{CommitItem, CommitSender, Reply};
 use crate::dedup::DedupFilter;
-use crate::log::{BranchKey, DedupEntry, EventLog, LoadedBranch, Op, StoreError, StoredEvent};
+use crate::log::{BranchKey, EventLog, LoadedBranch, Op, StoreError, StoredEvent};
 use crate::metrics::Metrics;
 use crate::room::LiveBatch;
 use crate::state::{Applied, BranchState, Change, Policies, Refused, StateSnapshot, WriteCtx};
@@ -191,13 +191,20 @@ impl BranchShared {
         });
     }
 
-    fn note_device_seq(&self, device: &Name, seq: u64) {
+    /// Devices' last applied `device_seq`s, once the commit that carries them is durable.
+    pub(crate) fn note_device_seqs(&self, seqs: &[(Name, u64)]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let now = now_ms();
         self.with_devices(|d| {
-            let s = d
-                .entry(device.clone())
-                .or_insert_with(|| DeviceState::new(Role::Cashier));
-            s.last_device_seq = seq;
-            s.last_seen_ms = now_ms();
+            for (device, seq) in seqs {
+                let s = d
+                    .entry(device.clone())
+                    .or_insert_with(|| DeviceState::new(Role::Cashier));
+                s.last_device_seq = *seq;
+                s.last_seen_ms = now;
+            }
         });
     }
 
@@ -296,6 +303,61 @@ pub struct BranchHandle {
     /// What every part of the hub shares about the branch.
     pub shared: Arc<BranchShared>,
     tx: mpsc::Sender<BranchCmd>,
+    log: Arc<dyn EventLog>,
+}
+
+/// A SKU's stock movements after some seq: their sum, up to and including `until`.
+#[derive(Clone, Copy, Debug)]
+struct Moved {
+    until: u64,
+    sum: i64,
+}
+
+/// The movements of `sku` sequenced in `after < seq <= until`, from the log (committed
+/// events only). A hole (retention trimmed past `after`) is `stale_base`.
+fn movements(
+    log: &dyn EventLog,
+    key: &BranchKey,
+    sku: &Sku,
+    after: u64,
+    until: u64,
+) -> Result<Moved, Refused> {
+    let mut moved = Moved {
+        until: after,
+        sum: 0,
+    };
+    while moved.until < until {
+        let events = log
+            .read_events(key, moved.until, until, 1024)
+            .map_err(|e| {
+                tracing::error!(error = %e, "reading the log for a count failed");
+                Refused::new(ErrorCode::StorageUnavailable, "the store cannot be read")
+            })?;
+        if events.first().is_none_or(|e| e.seq != moved.until + 1) {
+            return Err(Refused::new(
+                ErrorCode::StaleBase,
+                "the log was trimmed past base_seq; count again",
+            ));
+        }
+        for e in &events {
+            moved.sum = moved.sum.saturating_add(sku_delta(&e.bytes, sku)?);
+            moved.until = e.seq;
+        }
+    }
+    Ok(moved)
+}
+
+/// What one stored event moved `sku` by.
+fn sku_delta(bytes: &[u8], sku: &Sku) -> Result<i64, Refused> {
+    let event: Event = Codec::MsgPack
+        .decode(bytes)
+        .map_err(|e| Refused::new(ErrorCode::Internal, format!("stored event unreadable: {e}")))?;
+    Ok(event
+        .body
+        .stock_deltas()
+        .into_iter()
+        .filter(|(s, _)| *s == sku)
+        .fold(0i64, |sum, (_, d)| sum.saturating_add(d)))
 }
 
 enum BranchCmd {
@@ -303,6 +365,9 @@ enum BranchCmd {
         publish: Box<Publish>,
         device: Name,
         offset_ms: i64,
+        /// For a `stock.counted`: its SKU's movements from `base_seq` up to the head when it
+        /// was submitted, read from the log before it reached the writer.
+        moved: Option<Result<Moved, Refused>>,
         reply: oneshot::Sender<PushResult>,
     },
     Resolve {
@@ -337,10 +402,30 @@ impl BranchHandle {
         offset_ms: i64,
     ) -> oneshot::Receiver<PushResult> {
         let (reply, rx) = oneshot::channel();
+        let moved = match (&publish.body, publish.base_seq) {
+            // The long part of a count, reading the log since its base, happens here, off the
+            // writer: the writer then adds only what was sequenced since.
+            (EventBody::StockCounted(c), base_seq) => {
+                let (log, key, sku) = (self.log.clone(), self.shared.key.clone(), c.sku.clone());
+                let (after, until) = (base_seq.unwrap_or(0), self.shared.committed());
+                Some(
+                    tokio::task::spawn_blocking(move || movements(&*log, &key, &sku, after, until))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Refused::new(
+                                ErrorCode::ShuttingDown,
+                                "the hub is shutting down",
+                            ))
+                        }),
+                )
+            }
+            _ => None,
+        };
         let cmd = BranchCmd::Publish {
             publish: Box::new(publish),
             device,
             offset_ms,
+            moved,
             reply,
         };
         if let Err(mpsc::error::SendError(BranchCmd::Publish { publish, reply, .. })) =
@@ -509,6 +594,7 @@ fn spawn_writer(
     ctx: WriterCtx,
 ) -> BranchHandle {
     let tracker = ctx.tracker.clone();
+    let log = ctx.log.clone();
     let state = BranchState::load(
         std::mem::take(&mut loaded.products),
         std::mem::take(&mut loaded.stock),
@@ -526,10 +612,11 @@ fn spawn_writer(
         uncommitted_ids: HashMap::new(),
         known,
         hash_buf: Vec::new(),
+        poisoned: false,
         ctx,
     };
     tracker.spawn(writer.run(rx));
-    BranchHandle { shared, tx }
+    BranchHandle { shared, tx, log }
 }
 
 /// An event sequenced but perhaps not yet durable.
@@ -553,6 +640,9 @@ struct Writer {
     /// Which event ids the branch may have accepted: most new ids skip the store lookup.
     known: DedupFilter,
     hash_buf: Vec<u8>,
+    /// Set if sequencing failed after the state changed: memory may no longer match the
+    /// log, so nothing more is sequenced until a restart reloads it.
+    poisoned: bool,
 }
 
 /// What a publish's content is, for idempotency: everything but the envelope's transport
@@ -569,6 +659,8 @@ struct Content<'a> {
 struct Round {
     item: CommitItem,
     events: Vec<StoredEvent>,
+    /// Each event's id and content hash (its dedup entry), in the order of `events`.
+    ids: Vec<(Uuid, u64)>,
 }
 
 impl Writer {
@@ -583,20 +675,27 @@ impl Writer {
                     head: self.head,
                     live: None,
                     replies: Vec::with_capacity(cmds.len()),
+                    device_seqs: Vec::new(),
                 },
                 events: Vec::new(),
+                ids: Vec::new(),
             };
             for cmd in cmds.drain(..) {
                 self.handle(cmd, &mut round);
             }
-            let Round { mut item, events } = round;
+            let Round {
+                mut item,
+                events,
+                ids,
+            } = round;
             item.head = self.head;
             if !events.is_empty() {
-                // The round's events, head and device counters go to the store as one value
-                // each (see `log`); the dedup and state ops are already in `item.ops`.
+                // The round's events, dedup entries, head and device counters go to the store
+                // as a few values (see `log`); the state ops are already in `item.ops`.
                 item.ops.push(Op::Round {
                     branch: self.shared.key.clone(),
                     events: events.clone(),
+                    ids,
                     head: self.head,
                     devices: self
                         .devices
@@ -637,9 +736,10 @@ impl Writer {
                 publish,
                 device,
                 offset_ms,
+                moved,
                 reply,
             } => {
-                let result = self.publish(*publish, &device, offset_ms, round);
+                let result = self.publish(*publish, &device, offset_ms, moved, round);
                 round
                     .item
                     .replies
@@ -761,6 +861,7 @@ impl Writer {
         publish: Publish,
         device: &Name,
         offset_ms: i64,
+        moved: Option<Result<Moved, Refused>>,
         round: &mut Round,
     ) -> PushResult {
         if self.ctx.failed.load(Ordering::Acquire) {
@@ -769,6 +870,9 @@ impl Writer {
                 ErrorCode::StorageUnavailable,
                 code_message(ErrorCode::StorageUnavailable),
             );
+        }
+        if self.poisoned {
+            return self.rejected(&publish, ErrorCode::Internal, POISONED);
         }
         if publish.event_id.get_version_num() != 7 {
             return self.rejected(
@@ -838,10 +942,10 @@ impl Writer {
         }
         let seq = self.head + 1;
         let now = self.server_time();
-        let moved = match &publish.body {
-            EventBody::StockCounted(c) => {
-                Some(self.moved_since(&c.sku, publish.base_seq.unwrap_or(0)))
-            }
+        let moved = match (&publish.body, moved) {
+            (EventBody::StockCounted(c), Some(pre)) => Some(
+                pre.and_then(|pre| self.moved_since(&c.sku, publish.base_seq.unwrap_or(0), pre)),
+            ),
             _ => None,
         };
         let ctx = WriteCtx {
@@ -850,7 +954,9 @@ impl Writer {
             event_id: publish.event_id,
             seq,
             now_ms: now,
-            write_time_ms: publish.client_time_ms.saturating_add(offset_ms),
+            // A device clock still ahead of the hub's after correction cannot make a write
+            // newer than its arrival (it would win every `newest_wins` comparison).
+            write_time_ms: publish.client_time_ms.saturating_add(offset_ms).min(now),
             base_version: publish.base_version.unwrap_or(0),
         };
         let applied = self
@@ -889,12 +995,17 @@ impl Writer {
             });
         }
         self.devices.insert(device.clone(), device_seq);
-        self.shared.note_device_seq(device, device_seq);
+        let seqs = &mut round.item.device_seqs;
+        match seqs.iter_mut().find(|(d, _)| d == device) {
+            Some(entry) => entry.1 = device_seq,
+            None => seqs.push((device.clone(), device_seq)),
+        }
         self.ctx.metrics.publish("accepted");
         self.accepted(event_id, seq, false)
     }
 
-    /// Adds a sequenced event and its state changes to the round.
+    /// Adds a sequenced event and its state changes to the round. The state has already
+    /// changed: if anything here fails, the branch is poisoned (see [`Writer::poisoned`]).
     fn append(
         &mut self,
         event: &Event,
@@ -902,22 +1013,24 @@ impl Writer {
         hash: u64,
         round: &mut Round,
     ) -> Result<(), ErrorCode> {
-        let bytes = Codec::MsgPack.encode(event).map_err(|e| {
-            tracing::error!(error = %e, "cannot encode an event");
-            ErrorCode::Internal
-        })?;
-        let branch = self.shared.key.clone();
-        let ops = &mut round.item.ops;
-        ops.push(Op::Dedup {
-            branch: branch.clone(),
-            event_id: event.event_id,
-            entry: DedupEntry {
-                seq: event.seq,
-                hash,
-                server_time_ms: event.server_time_ms,
-            },
-        });
-        push_changes(ops, &branch, applied.changes)?;
+        // Everything that can fail happens before the round changes.
+        let encoded = Codec::MsgPack
+            .encode(event)
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot encode an event");
+                ErrorCode::Internal
+            })
+            .and_then(|bytes| Ok((bytes, changes_ops(&self.shared.key, applied.changes)?)));
+        let (bytes, ops) = match encoded {
+            Ok(done) => done,
+            Err(code) => {
+                tracing::error!(branch = %self.shared.key, "{POISONED}");
+                self.poisoned = true;
+                return Err(code);
+            }
+        };
+        round.item.ops.extend(ops);
+        round.ids.push((event.event_id, hash));
         self.head = event.seq;
         self.uncommitted_ids
             .insert(event.event_id, (event.seq, hash));
@@ -938,12 +1051,9 @@ impl Writer {
     fn refuse(&mut self, publish: &Publish, refused: Refused, round: &mut Round) -> PushResult {
         if let Some(record) = refused.record {
             // The conflict is recorded although the event is refused.
-            if let Err(code) = push_changes(
-                &mut round.item.ops,
-                &self.shared.key,
-                vec![Change::Conflict(record)],
-            ) {
-                return self.rejected(publish, code, code_message(code));
+            match changes_ops(&self.shared.key, vec![Change::Conflict(record)]) {
+                Ok(ops) => round.item.ops.extend(ops),
+                Err(code) => return self.rejected(publish, code, code_message(code)),
             }
         }
         self.ctx.metrics.publish("rejected");
@@ -957,8 +1067,9 @@ impl Writer {
         })
     }
 
-    /// The sum of `sku`'s movements sequenced after `base_seq`, for a count.
-    fn moved_since(&self, sku: &Sku, base_seq: u64) -> Result<i64, Refused> {
+    /// The sum of `sku`'s movements sequenced after `base_seq`, for a count: `pre` (read
+    /// from the log when the count was submitted) and what was sequenced since.
+    fn moved_since(&self, sku: &Sku, base_seq: u64, pre: Moved) -> Result<i64, Refused> {
         let floor = self.shared.floor();
         if base_seq > self.head {
             return Err(Refused::new(
@@ -975,46 +1086,14 @@ impl Writer {
             ));
         }
         let committed = self.shared.committed();
-        let store_failed = |e: StoreError| {
-            tracing::error!(error = %e, "reading the log for a count failed");
-            Refused::new(ErrorCode::StorageUnavailable, "the store cannot be read")
-        };
-        let mut sum = 0i64;
-        let mut add = |bytes: &[u8]| -> Result<(), Refused> {
-            let event: Event = Codec::MsgPack.decode(bytes).map_err(|e| {
-                Refused::new(ErrorCode::Internal, format!("stored event unreadable: {e}"))
-            })?;
-            for (s, delta) in event.body.stock_deltas() {
-                if s == sku {
-                    sum = sum.saturating_add(delta);
-                }
-            }
-            Ok(())
-        };
-        let mut after = base_seq;
-        while after < committed {
-            let events = self
-                .ctx
-                .log
-                .read_events(&self.shared.key, after, committed, 1024)
-                .map_err(store_failed)?;
-            if events.first().is_none_or(|e| e.seq != after + 1) {
-                return Err(Refused::new(
-                    ErrorCode::StaleBase,
-                    "the log was trimmed during the count; count again",
-                ));
-            }
-            for e in &events {
-                add(&e.bytes)?;
-                after = e.seq;
-            }
-        }
+        let since = movements(&*self.ctx.log, &self.shared.key, sku, pre.until, committed)?;
+        let mut sum = pre.sum.saturating_add(since.sum);
         for p in self
             .uncommitted
             .iter()
-            .filter(|p| p.seq > committed.max(base_seq))
+            .filter(|p| p.seq > committed.max(pre.until))
         {
-            add(&p.bytes)?;
+            sum = sum.saturating_add(sku_delta(&p.bytes, sku)?);
         }
         Ok(sum)
     }
@@ -1040,6 +1119,9 @@ impl Writer {
                 code_message(ErrorCode::StorageUnavailable),
             ));
         }
+        if self.poisoned {
+            return Err(fail(ErrorCode::Internal, POISONED.into()));
+        }
         let seq = self.head + 1;
         let now = self.server_time();
         let (applied, body) = match self.state.resolve(
@@ -1052,12 +1134,22 @@ impl Writer {
         ) {
             Ok(done) => done,
             Err(refused) if refused.code == ErrorCode::NotFound => {
+                // Every open conflict is in memory, so a recorded one that is not there has
+                // been resolved, perhaps by a resolution not yet durable (whose record still
+                // says open).
                 return Err(match self.ctx.log.conflict(&self.shared.key, id) {
-                    Ok(Some(c)) if c.status == ConflictStatus::Resolved => fail(
+                    Ok(Some(_)) => fail(
                         ErrorCode::ConflictAlreadyResolved,
                         format!("conflict {id} was already resolved"),
                     ),
-                    _ => fail(ErrorCode::NotFound, refused.message),
+                    Ok(None) => fail(ErrorCode::NotFound, refused.message),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading a conflict failed");
+                        fail(
+                            ErrorCode::StorageUnavailable,
+                            "the store cannot be read".into(),
+                        )
+                    }
                 });
             }
             Err(refused) => return Err(fail(refused.code, refused.message)),
@@ -1093,18 +1185,18 @@ impl Writer {
     }
 }
 
+/// Why a poisoned branch refuses writes.
+const POISONED: &str = "sequencing failed after the branch state changed; the branch refuses writes until the hub restarts";
+
 /// Turns state changes into store ops.
-fn push_changes(
-    ops: &mut Vec<Op>,
-    branch: &Arc<BranchKey>,
-    changes: Vec<Change>,
-) -> Result<(), ErrorCode> {
+fn changes_ops(branch: &Arc<BranchKey>, changes: Vec<Change>) -> Result<Vec<Op>, ErrorCode> {
     fn encode<T: Serialize>(value: &T) -> Result<bytes::Bytes, ErrorCode> {
         Codec::MsgPack.encode(value).map_err(|e| {
             tracing::error!(error = %e, "cannot encode branch state");
             ErrorCode::Internal
         })
     }
+    let mut ops = Vec::with_capacity(changes.len());
     for change in changes {
         ops.push(match change {
             Change::Stock(sku, on_hand) => Op::Stock {
@@ -1124,7 +1216,7 @@ fn push_changes(
             },
         });
     }
-    Ok(())
+    Ok(ops)
 }
 
 fn code_message(code: ErrorCode) -> String {

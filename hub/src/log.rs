@@ -14,14 +14,25 @@
 //! | `H` B | head seq (u64) and every device's last applied `device_seq`, written by commits |
 //! | `F` B | floor seq (u64), written by retention |
 //! | `E` B last_seq | the events one writer round added to the branch, up to `last_seq`: for each, seq (u64), server time (i64 ms), length (u32) and the event as MessagePack, ready to send |
-//! | `D` B event_id | seq, content hash, server time: the dedup index |
+//! | `D` B bucket last_seq | the dedup entries of one round's events whose ids fall in `bucket`: for each, event id, seq, content hash, server time |
 //! | `P` B sku | product state (MessagePack) |
 //! | `S` B sku | stock on hand (i64) |
 //! | `C` B conflict_id | conflict record (MessagePack); ids are UUID v7, so newest last |
 //!
-//! Events are stored a round at a time because sled's cost is per key: one value per branch
-//! per round, plus one dedup key per event, is half the keys of a key per event, device and
-//! head, and so twice the durable publish rate.
+//! | `R` | the run marker: present while a hub runs on the store, with its durability mode |
+//!
+//! Events are stored a round at a time because sled's cost is per key (a tree walk, node
+//! splits every 16 keys, allocations), and the commit thread's time is the durable publish
+//! rate. The dedup index is grouped the same way: a UUID v7 starts with its creation time in
+//! milliseconds, so `bucket` (that time in units of 1,024 ms) puts the ids a round carries,
+//! made moments apart, under one key, and a lookup of one id reads only the few rounds of its
+//! second. A round is then two or three keys whatever its size, instead of one per event.
+//!
+//! The run marker makes `--fsync interval` honest: that mode acknowledges and broadcasts
+//! before the flush, so a crash can take back events that clients saw, and the seqs they had
+//! would be given to other events. A hub that finds the marker of an interval-mode run that
+//! did not stop cleanly gives every branch a new epoch and moves its floor to its head, so
+//! every client resyncs from a snapshot instead of silently holding events that are gone.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -145,19 +156,12 @@ pub enum Op {
         branch: Arc<BranchKey>,
         /// The events, in seq order, at least one.
         events: Vec<StoredEvent>,
+        /// Each event's id and content hash, in the same order: its dedup entry.
+        ids: Vec<(Uuid, u64)>,
         /// The head after them (the last event's seq).
         head: u64,
         /// Every device of the branch with its last applied `device_seq`.
         devices: Vec<(Name, u64)>,
-    },
-    /// A dedup entry for an accepted event.
-    Dedup {
-        /// The branch.
-        branch: Arc<BranchKey>,
-        /// The event id.
-        event_id: Uuid,
-        /// What to remember.
-        entry: DedupEntry,
     },
     /// A product's state, encoded.
     Product {
@@ -250,6 +254,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Every branch with a log.
     fn branches(&self) -> Result<Vec<BranchKey>, StoreError>;
 
+    /// A branch's head and floor, without loading it (`(0, 0)` if it has no log).
+    fn position(&self, branch: &BranchKey) -> Result<(u64, u64), StoreError>;
+
     /// The seq of the last event sequenced before `cutoff_ms`, if any.
     fn last_seq_before(
         &self,
@@ -260,8 +267,24 @@ pub trait EventLog: Send + Sync + 'static {
     /// Moves the floor to `floor` (durably) and deletes the events at or below it.
     fn trim(&self, branch: &BranchKey, floor: u64) -> Result<u64, StoreError>;
 
-    /// Deletes dedup entries of events sequenced before `cutoff_ms`.
-    fn expire_dedup(&self, branch: &BranchKey, cutoff_ms: UnixMillis) -> Result<u64, StoreError>;
+    /// Deletes the dedup entries of events that were sequenced before `cutoff_ms` and are at
+    /// or below `floor` (trimmed from the log): an event the log still holds always answers
+    /// `duplicate`, whatever its age.
+    fn expire_dedup(
+        &self,
+        branch: &BranchKey,
+        cutoff_ms: UnixMillis,
+        floor: u64,
+    ) -> Result<u64, StoreError>;
+
+    /// Marks the store as in use by a running hub, `durable` or not (`--fsync interval`).
+    /// If the previous run was not durable and did not stop cleanly, first gives every
+    /// branch a new epoch and moves its floor to its head (see the module docs); returns how
+    /// many branches that reset.
+    fn begin_run(&self, durable: bool) -> Result<usize, StoreError>;
+
+    /// Marks a clean stop, after the last flush.
+    fn end_run(&self) -> Result<(), StoreError>;
 
     /// Bytes the store occupies on disk.
     fn size_on_disk(&self) -> Result<u64, StoreError>;
@@ -275,6 +298,44 @@ const DEDUP: u8 = b'D';
 const PRODUCT: u8 = b'P';
 const STOCK: u8 = b'S';
 const CONFLICT: u8 = b'C';
+const RUN: u8 = b'R';
+
+/// Bytes of one dedup entry: event id, seq, content hash, server time.
+const DEDUP_ENTRY: usize = 40;
+
+/// The dedup bucket of an event id: its UUID v7 creation time in units of 1,024 ms.
+fn dedup_bucket(event_id: &Uuid) -> [u8; 8] {
+    let b = event_id.as_bytes();
+    let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
+    (ms >> 10).to_be_bytes()
+}
+
+/// The dedup entries of one `D` value.
+fn dedup_entries(value: &[u8]) -> impl Iterator<Item = Result<(Uuid, DedupEntry), StoreError>> {
+    let corrupt = value.len() % DEDUP_ENTRY != 0;
+    let whole = if corrupt { &[][..] } else { value };
+    let err = corrupt.then(|| {
+        Err(StoreError::Corrupt {
+            key: "dedup".into(),
+            why: format!("{} bytes", value.len()),
+        })
+    });
+    whole
+        .chunks_exact(DEDUP_ENTRY)
+        .map(|e| {
+            let mut id = [0u8; 16];
+            id.copy_from_slice(&e[..16]);
+            Ok((
+                Uuid::from_bytes(id),
+                DedupEntry {
+                    seq: u64_at(e, 16, "dedup")?,
+                    hash: u64_at(e, 24, "dedup")?,
+                    server_time_ms: i64_at(e, 32, "dedup")?,
+                },
+            ))
+        })
+        .chain(err)
+}
 
 fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(
@@ -412,8 +473,9 @@ impl SledLog {
     /// up to [`LOCK_WAIT`].
     pub fn open(dir: &Path, cache_bytes: u64, fsync: FsyncMode) -> Result<Self, StoreError> {
         let flush_every = match fsync {
-            // Commits flush themselves; sled's own background flush adds nothing but is harmless.
-            FsyncMode::Always => Some(500),
+            // Commits flush themselves; a background flush would only take the committer's
+            // locks and CPU.
+            FsyncMode::Always => None,
             FsyncMode::Interval(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
         };
         let config = sled::Config::new()
@@ -542,6 +604,7 @@ impl EventLog for SledLog {
                 Op::Round {
                     branch,
                     events,
+                    ids,
                     head,
                     devices,
                 } => {
@@ -552,17 +615,29 @@ impl EventLog for SledLog {
                     }
                     batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
                     batch.insert(key(HEAD, branch, &[]), encode_head(*head, devices));
-                }
-                Op::Dedup {
-                    branch,
-                    event_id,
-                    entry,
-                } => {
-                    let mut value = [0u8; 24];
-                    value[..8].copy_from_slice(&entry.seq.to_be_bytes());
-                    value[8..16].copy_from_slice(&entry.hash.to_be_bytes());
-                    value[16..].copy_from_slice(&entry.server_time_ms.to_be_bytes());
-                    batch.insert(key(DEDUP, branch, event_id.as_bytes()), &value);
+                    // Ids made within the same second share a bucket: usually one key.
+                    let mut buckets: Vec<([u8; 8], Vec<u8>)> = Vec::new();
+                    for (event, (id, hash)) in events.iter().zip(ids) {
+                        let bucket = dedup_bucket(id);
+                        let at = match buckets.iter().position(|(b, _)| *b == bucket) {
+                            Some(at) => at,
+                            None => {
+                                buckets.push((bucket, Vec::new()));
+                                buckets.len() - 1
+                            }
+                        };
+                        let value = &mut buckets[at].1;
+                        value.extend_from_slice(id.as_bytes());
+                        value.extend_from_slice(&event.seq.to_be_bytes());
+                        value.extend_from_slice(&hash.to_be_bytes());
+                        value.extend_from_slice(&event.server_time_ms.to_be_bytes());
+                    }
+                    for (bucket, value) in buckets {
+                        let mut suffix = [0u8; 16];
+                        suffix[..8].copy_from_slice(&bucket);
+                        suffix[8..].copy_from_slice(&head.to_be_bytes());
+                        batch.insert(key(DEDUP, branch, &suffix), value);
+                    }
                 }
                 Op::Product { branch, sku, state } => {
                     batch.insert(
@@ -625,27 +700,27 @@ impl EventLog for SledLog {
     }
 
     fn dedup(&self, branch: &BranchKey, event_id: &Uuid) -> Result<Option<DedupEntry>, StoreError> {
-        self.tree
-            .get(key(DEDUP, branch, event_id.as_bytes()))?
-            .map(|v| {
-                Ok(DedupEntry {
-                    seq: u64_at(&v, 0, "dedup")?,
-                    hash: u64_at(&v, 8, "dedup")?,
-                    server_time_ms: i64_at(&v, 16, "dedup")?,
-                })
-            })
-            .transpose()
+        for kv in self
+            .tree
+            .scan_prefix(key(DEDUP, branch, &dedup_bucket(event_id)))
+        {
+            let (_, value) = kv?;
+            for entry in dedup_entries(&value) {
+                let (id, entry) = entry?;
+                if id == *event_id {
+                    return Ok(Some(entry));
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn dedup_ids(&self, branch: &BranchKey, visit: &mut dyn FnMut(Uuid)) -> Result<(), StoreError> {
-        let prefix = key(DEDUP, branch, &[]).len();
         for kv in self.scan(DEDUP, branch) {
-            let (k, _) = kv?;
-            let id = Uuid::from_slice(&k[prefix..]).map_err(|e| StoreError::Corrupt {
-                key: "dedup".into(),
-                why: e.to_string(),
-            })?;
-            visit(id);
+            let (_, value) = kv?;
+            for entry in dedup_entries(&value) {
+                visit(entry?.0);
+            }
         }
         Ok(())
     }
@@ -692,6 +767,19 @@ impl EventLog for SledLog {
         Ok(out)
     }
 
+    fn position(&self, branch: &BranchKey) -> Result<(u64, u64), StoreError> {
+        let head = self
+            .tree
+            .get(key(HEAD, branch, &[]))?
+            .map(|v| u64_at(&v, 0, "head"))
+            .transpose()?
+            .unwrap_or(0);
+        let floor = self
+            .read_u64(&key(FLOOR, branch, &[]), "floor")?
+            .unwrap_or(0);
+        Ok((head, floor))
+    }
+
     fn last_seq_before(
         &self,
         branch: &BranchKey,
@@ -736,18 +824,64 @@ impl EventLog for SledLog {
         Ok(removed)
     }
 
-    fn expire_dedup(&self, branch: &BranchKey, cutoff_ms: UnixMillis) -> Result<u64, StoreError> {
+    fn expire_dedup(
+        &self,
+        branch: &BranchKey,
+        cutoff_ms: UnixMillis,
+        floor: u64,
+    ) -> Result<u64, StoreError> {
         let mut removed = 0;
         let mut batch = sled::Batch::default();
         for kv in self.scan(DEDUP, branch) {
-            let (k, v) = kv?;
-            if i64_at(&v, 16, "dedup")? < cutoff_ms {
-                batch.remove(k);
-                removed += 1;
+            let (k, value) = kv?;
+            // A value holds one round's entries in one bucket: keep those that must stay.
+            let mut kept = Vec::new();
+            let mut gone = 0;
+            for (entry, bytes) in dedup_entries(&value).zip(value.chunks(DEDUP_ENTRY)) {
+                let (_, entry) = entry?;
+                if entry.server_time_ms < cutoff_ms && entry.seq <= floor {
+                    gone += 1;
+                } else {
+                    kept.extend_from_slice(bytes);
+                }
             }
+            match (gone, kept.is_empty()) {
+                (0, _) => {}
+                (_, true) => batch.remove(k),
+                (_, false) => batch.insert(k, kept),
+            }
+            removed += gone;
         }
         self.tree.apply_batch(batch)?;
         Ok(removed)
+    }
+
+    fn begin_run(&self, durable: bool) -> Result<usize, StoreError> {
+        let previous = self.tree.get([RUN])?;
+        let mut reset = 0;
+        if previous.as_deref() == Some(&[0][..]) {
+            // The last run acknowledged before flushing and did not stop cleanly: what its
+            // clients saw may be gone, and its seqs would be reused. Start every log afresh.
+            for branch in self.branches()? {
+                let (head, _) = self.position(&branch)?;
+                let mut meta = rand::random::<u64>().to_be_bytes().to_vec();
+                meta.extend_from_slice(&now_ms().to_be_bytes());
+                let mut batch = sled::Batch::default();
+                batch.insert(key(META, &branch, &[]), meta);
+                batch.insert(key(FLOOR, &branch, &[]), &head.to_be_bytes());
+                self.tree.apply_batch(batch)?;
+                reset += 1;
+            }
+        }
+        self.tree.insert([RUN], &[u8::from(durable)])?;
+        self.db.flush()?;
+        Ok(reset)
+    }
+
+    fn end_run(&self) -> Result<(), StoreError> {
+        self.tree.remove([RUN])?;
+        self.db.flush()?;
+        Ok(())
     }
 
     fn size_on_disk(&self) -> Result<u64, StoreError> {
@@ -807,6 +941,7 @@ mod tests {
                         bytes: Bytes::from(seq.to_string()),
                     })
                     .collect(),
+                ids: (0..100).map(|_| (Uuid::now_v7(), 0)).collect(),
                 head: round * 100 + 100,
                 devices: vec![(Name::new("till-1").unwrap(), round + 1)],
             })
@@ -857,5 +992,106 @@ mod tests {
         );
         assert_eq!(log.read_events(&b, 150, 300, 1).unwrap()[0].seq, 151);
         assert_eq!(log.event_stats(&b).unwrap().0, 200);
+    }
+
+    /// An id made at `ms` (Unix milliseconds), as a UUID v7 would be.
+    fn id_at(ms: u64, n: u8) -> Uuid {
+        let mut b = [n; 16];
+        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        b[6] = 0x70 | (n & 0x0f);
+        Uuid::from_bytes(b)
+    }
+
+    fn round(b: &Arc<BranchKey>, first: u64, ids: &[Uuid], time_ms: i64) -> Op {
+        Op::Round {
+            branch: b.clone(),
+            events: (0..ids.len() as u64)
+                .map(|i| StoredEvent {
+                    seq: first + i,
+                    server_time_ms: time_ms,
+                    bytes: Bytes::from_static(b"e"),
+                })
+                .collect(),
+            ids: ids.iter().map(|id| (*id, first)).collect(),
+            head: first + ids.len() as u64 - 1,
+            devices: vec![],
+        }
+    }
+
+    #[test]
+    fn dedup_entries_are_found_by_id_across_buckets_and_outlive_nothing_still_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let b = Arc::new(branch("acme", "b1"));
+        let other = Arc::new(branch("acme", "b2"));
+        log.open_branch(&b).unwrap();
+        // One round whose ids span two buckets (a device that was offline), then a round of
+        // ids made in one second, then the same ids on another branch.
+        let old = [id_at(1_000, 1), id_at(500_000, 2), id_at(500_001, 3)];
+        let new: Vec<Uuid> = (10..20).map(|n| id_at(900_000, n)).collect();
+        log.apply(&[
+            round(&b, 1, &old, 10_000),
+            round(&b, 4, &new, 20_000),
+            round(&other, 1, &new[..1], 20_000),
+        ])
+        .unwrap();
+        for (seq, id) in (1..).zip(old.iter().chain(&new)) {
+            let entry = log.dedup(&b, id).unwrap().expect("remembered");
+            assert_eq!(entry.seq, seq, "{id}");
+        }
+        assert_eq!(log.dedup(&b, &id_at(900_000, 99)).unwrap(), None);
+        assert_eq!(
+            log.dedup(&other, &new[0]).unwrap().map(|e| e.seq),
+            Some(1),
+            "branches keep their own entries"
+        );
+        let mut ids = Vec::new();
+        log.dedup_ids(&b, &mut |id| ids.push(id)).unwrap();
+        assert_eq!(ids.len(), 13);
+
+        // Old enough, but the log still holds them: nothing goes.
+        assert_eq!(log.expire_dedup(&b, 30_000, 0).unwrap(), 0);
+        assert!(log.dedup(&b, &old[0]).unwrap().is_some());
+        // The first round trimmed (floor 3) and old: it goes; the second is not old enough.
+        assert_eq!(log.expire_dedup(&b, 15_000, 13).unwrap(), 3);
+        assert_eq!(log.dedup(&b, &old[1]).unwrap(), None);
+        assert!(log.dedup(&b, &new[9]).unwrap().is_some());
+        assert!(log.dedup(&other, &new[0]).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_interval_run_that_did_not_stop_cleanly_resets_every_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Arc::new(branch("acme", "b1"));
+        let epoch_of = |log: &SledLog| log.open_branch(&b).unwrap().epoch;
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        assert_eq!(log.begin_run(false).unwrap(), 0, "a fresh store");
+        let first = epoch_of(&log);
+        log.apply(&[round(&b, 1, &[id_at(1, 1), id_at(1, 2)], 10)])
+            .unwrap();
+        log.flush().unwrap();
+        log.end_run().unwrap();
+        assert_eq!(
+            log.begin_run(false).unwrap(),
+            0,
+            "the interval run stopped cleanly"
+        );
+        assert_eq!(epoch_of(&log), first);
+        // This interval run "crashes": no end_run.
+        drop(log);
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        assert_eq!(log.begin_run(true).unwrap(), 1);
+        let loaded = log.open_branch(&b).unwrap();
+        assert_ne!(loaded.epoch, first, "a new epoch");
+        assert_eq!(
+            (loaded.head, loaded.floor),
+            (2, 2),
+            "nothing to replay under it"
+        );
+        // A durable run that crashes leaves the epoch alone.
+        drop(log);
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        assert_eq!(log.begin_run(true).unwrap(), 0);
+        assert_eq!(epoch_of(&log), loaded.epoch);
     }
 }

@@ -107,6 +107,14 @@ impl Hub {
         let rooms = Arc::new(Rooms::default());
         let failed = Arc::new(AtomicBool::new(false));
         let durable = config.fsync == FsyncMode::Always;
+        let reset = log.begin_run(durable)?;
+        if reset > 0 {
+            tracing::warn!(
+                branches = reset,
+                "the last run acknowledged before flushing (--fsync interval) and did not stop \
+                 cleanly: every branch has a new epoch, and clients resync from a snapshot"
+            );
+        }
         let (committer, sender) = Committer::start(
             log.clone(),
             rooms.clone(),
@@ -216,31 +224,40 @@ impl Hub {
         tokio::task::spawn_blocking(move || {
             let retention = &hub.config.retention;
             let age = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+            let mut result = Ok(());
             for key in hub.log.branches()? {
                 let handle = opened.iter().find(|h| *h.shared.key == key);
-                let loaded;
-                let (head, floor) = match handle {
-                    Some(h) => (h.shared.committed(), h.shared.floor()),
-                    None => {
-                        loaded = hub.log.open_branch(&key)?;
-                        (loaded.head, loaded.floor)
+                let pass = || -> Result<(), StoreError> {
+                    let (head, floor) = match handle {
+                        Some(h) => (h.shared.committed(), h.shared.floor()),
+                        None => hub.log.position(&key)?,
+                    };
+                    let by_count = head.saturating_sub(retention.max_events);
+                    let by_age = hub
+                        .log
+                        .last_seq_before(&key, now.saturating_sub(age(retention.max_age)))?
+                        .unwrap_or(0);
+                    let new_floor = by_count.max(by_age).min(head).max(floor);
+                    if new_floor > floor {
+                        if let Some(h) = handle {
+                            h.shared.set_floor(new_floor);
+                        }
+                        let removed = hub.log.trim(&key, new_floor)?;
+                        tracing::info!(branch = %key, floor = new_floor, removed, "retention trimmed the log");
                     }
+                    if expire_dedup {
+                        let cutoff = now.saturating_sub(age(retention.dedup_window));
+                        hub.log.expire_dedup(&key, cutoff, new_floor)?;
+                    }
+                    Ok(())
                 };
-                let by_count = head.saturating_sub(retention.max_events);
-                let by_age = hub.log.last_seq_before(&key, now.saturating_sub(age(retention.max_age)))?.unwrap_or(0);
-                let new_floor = by_count.max(by_age).min(head);
-                if new_floor > floor {
-                    if let Some(h) = handle {
-                        h.shared.set_floor(new_floor);
-                    }
-                    let removed = hub.log.trim(&key, new_floor)?;
-                    tracing::info!(branch = %key, floor = new_floor, removed, "retention trimmed the log");
-                }
-                if expire_dedup {
-                    hub.log.expire_dedup(&key, now.saturating_sub(age(retention.dedup_window)))?;
+                // One branch's failure does not stop the pass for the others.
+                if let Err(e) = pass() {
+                    tracing::error!(branch = %key, error = %e, "retention failed for a branch");
+                    result = Err(e);
                 }
             }
-            Ok(())
+            result
         })
         .await
         .map_err(|_| StoreError::Failed)?
@@ -276,8 +293,11 @@ impl Hub {
                 tracing::warn!("the committer did not finish within the shutdown grace");
             }
         }
-        if let Err(e) = self.log.flush() {
-            tracing::error!(error = %e, "final flush failed");
+        // A store that failed is left marked as not stopped cleanly.
+        if !self.failed.load(Ordering::Acquire) {
+            if let Err(e) = self.log.flush().and_then(|()| self.log.end_run()) {
+                tracing::error!(error = %e, "final flush failed");
+            }
         }
     }
 }

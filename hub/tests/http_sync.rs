@@ -388,8 +388,12 @@ async fn stale_scene(policy: ConflictPolicy, fallback: ConflictPolicy) -> (TestH
     let b = Api::new(&hub, &hub.token("acme", &["b1"], "till-b", Role::Cashier));
     a.push("acme", "b1", vec![upsert("TEA", 1, 0, create("Tea", 250))])
         .await;
-    b.push("acme", "b1", vec![upsert("TEA", 1, 1, price(300))])
-        .await;
+    // till-b changed the price 10 s ago, offline, and sends it now.
+    let offline = Publish {
+        client_time_ms: now_ms() - 10_000,
+        ..upsert("TEA", 1, 1, price(300))
+    };
+    b.push("acme", "b1", vec![offline]).await;
     let admin = Api::new(&hub, &hub.token("acme", &["*"], "console", Role::Admin));
     (hub, a, admin)
 }
@@ -444,12 +448,12 @@ async fn server_wins_and_client_wins_settle_stale_writes_and_record_them() {
 async fn newest_wins_compares_client_times_corrected_by_the_device_clock_offset() {
     let (hub, _a, _admin) =
         stale_scene(ConflictPolicy::NewestWins, ConflictPolicy::ServerWins).await;
-    // till-c's clock runs 10 minutes slow. Its write happened 5 s after till-b's (on the hub's
-    // clock): by its raw clock it looks 10 minutes old, corrected it is newer.
+    // till-c's clock runs 10 minutes slow. Its write happens now, 10 s after till-b's (on the
+    // hub's clock): by its raw clock it looks 10 minutes old, corrected it is newer.
     let c = Api::new(&hub, &hub.token("acme", &["b1"], "till-c", Role::Cashier));
     let skew = 600_000;
     let write = Publish {
-        client_time_ms: now_ms() - skew + 5_000,
+        client_time_ms: now_ms() - skew,
         ..upsert("TEA", 1, 1, price(320))
     };
     let body = serde_json::json!({ "client_time_ms": now_ms() - skew, "events": [write] });

@@ -97,8 +97,22 @@ impl EventLog for Faulty {
     fn trim(&self, b: &BranchKey, floor: u64) -> Result<u64, StoreError> {
         self.inner.trim(b, floor)
     }
-    fn expire_dedup(&self, b: &BranchKey, cutoff: UnixMillis) -> Result<u64, StoreError> {
-        self.inner.expire_dedup(b, cutoff)
+    fn expire_dedup(
+        &self,
+        b: &BranchKey,
+        cutoff: UnixMillis,
+        floor: u64,
+    ) -> Result<u64, StoreError> {
+        self.inner.expire_dedup(b, cutoff, floor)
+    }
+    fn position(&self, b: &BranchKey) -> Result<(u64, u64), StoreError> {
+        self.inner.position(b)
+    }
+    fn begin_run(&self, durable: bool) -> Result<usize, StoreError> {
+        self.inner.begin_run(durable)
+    }
+    fn end_run(&self) -> Result<(), StoreError> {
+        self.inner.end_run()
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
