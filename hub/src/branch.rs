@@ -26,7 +26,7 @@ use crate::commit::{CommitItem, CommitSender, Reply};
 use crate::dedup::DedupFilter;
 use crate::log::{BranchKey, EventLog, LoadedBranch, Op, StoreError, StoredEvent};
 use crate::metrics::Metrics;
-use crate::room::LiveBatch;
+use crate::room::{FRAME_EVENT_BYTES, LiveBatch};
 use crate::state::{Applied, BranchState, Change, Policies, Refused, StateSnapshot, WriteCtx};
 
 /// Commands a writer takes per round: one commit item carries them all.
@@ -661,6 +661,8 @@ struct Round {
     events: Vec<StoredEvent>,
     /// Each event's id and content hash (its dedup entry), in the order of `events`.
     ids: Vec<(Uuid, u64)>,
+    /// Bytes of the events' encodings.
+    bytes: usize,
 }
 
 impl Writer {
@@ -668,57 +670,74 @@ impl Writer {
         let mut cmds = Vec::with_capacity(ROUND);
         while rx.recv_many(&mut cmds, ROUND).await > 0 {
             self.forget_committed();
-            let mut round = Round {
-                item: CommitItem {
-                    branch: self.shared.clone(),
-                    ops: Vec::new(),
-                    head: self.head,
-                    live: None,
-                    replies: Vec::with_capacity(cmds.len()),
-                    device_seqs: Vec::new(),
-                },
-                events: Vec::new(),
-                ids: Vec::new(),
-            };
+            let mut round = self.round(cmds.len());
             for cmd in cmds.drain(..) {
                 self.handle(cmd, &mut round);
+                // A round is one live frame for every follower: it ends once its events
+                // fill one (clients read frames of up to a few MiB).
+                if round.bytes >= FRAME_EVENT_BYTES {
+                    let full = std::mem::replace(&mut round, self.round(ROUND));
+                    self.finish(full).await;
+                }
             }
-            let Round {
-                mut item,
-                events,
-                ids,
-            } = round;
-            item.head = self.head;
-            if !events.is_empty() {
-                // The round's events, dedup entries, head and device counters go to the store
-                // as a few values (see `log`); the state ops are already in `item.ops`.
-                item.ops.push(Op::Round {
-                    branch: self.shared.key.clone(),
-                    events: events.clone(),
-                    ids,
-                    head: self.head,
-                    devices: self
-                        .devices
-                        .iter()
-                        .map(|(d, seq)| (d.clone(), *seq))
-                        .collect(),
-                });
-                let now = now_ms();
-                lock(&self.shared.rate).add(events.len() as u64, now);
-                item.live = Some(Arc::new(LiveBatch::new(
-                    self.shared.key.clone(),
-                    self.shared.epoch,
-                    events,
-                )));
-            }
-            self.shared
-                .oversold
-                .store(self.state.oversold_skus(), Ordering::Relaxed);
-            self.shared
-                .open_conflicts
-                .store(self.state.open_conflicts(), Ordering::Relaxed);
-            self.ctx.committer.send(item).await;
+            self.finish(round).await;
         }
+    }
+
+    fn round(&self, commands: usize) -> Round {
+        Round {
+            item: CommitItem {
+                branch: self.shared.clone(),
+                ops: Vec::new(),
+                head: self.head,
+                live: None,
+                replies: Vec::with_capacity(commands),
+                device_seqs: Vec::new(),
+            },
+            events: Vec::new(),
+            ids: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Hands a round to the committer.
+    async fn finish(&mut self, round: Round) {
+        let Round {
+            mut item,
+            events,
+            ids,
+            ..
+        } = round;
+        item.head = self.head;
+        if !events.is_empty() {
+            // The round's events, dedup entries, head and device counters go to the store as
+            // a few values (see `log`); the state ops are already in `item.ops`.
+            item.ops.push(Op::Round {
+                branch: self.shared.key.clone(),
+                events: events.clone(),
+                ids,
+                head: self.head,
+                devices: self
+                    .devices
+                    .iter()
+                    .map(|(d, seq)| (d.clone(), *seq))
+                    .collect(),
+            });
+            let now = now_ms();
+            lock(&self.shared.rate).add(events.len() as u64, now);
+            item.live = Some(Arc::new(LiveBatch::new(
+                self.shared.key.clone(),
+                self.shared.epoch,
+                events,
+            )));
+        }
+        self.shared
+            .oversold
+            .store(self.state.oversold_skus(), Ordering::Relaxed);
+        self.shared
+            .open_conflicts
+            .store(self.state.open_conflicts(), Ordering::Relaxed);
+        self.ctx.committer.send(item).await;
     }
 
     fn forget_committed(&mut self) {
@@ -1040,6 +1059,7 @@ impl Writer {
             event_id: event.event_id,
             bytes: bytes.clone(),
         });
+        round.bytes += bytes.len();
         round.events.push(StoredEvent {
             seq: event.seq,
             server_time_ms: event.server_time_ms,

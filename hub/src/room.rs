@@ -94,6 +94,10 @@ impl LiveBatch {
     }
 }
 
+/// Most bytes of events one `events` frame carries, live or replayed (a single larger event
+/// still goes alone): well within what clients read in one message.
+pub const FRAME_EVENT_BYTES: usize = 1 << 20;
+
 /// Events as an `event` frame (one) or an `events` frame (several), from their stored bytes.
 pub fn events_message(
     codec: Codec,

@@ -36,14 +36,12 @@ use uuid::Uuid;
 use crate::auth::Claims;
 use crate::branch::{BranchHandle, BranchShared, writer_gone};
 use crate::log::BranchKey;
-use crate::room::{Member, Outbound, SessionCtl, events_message};
+use crate::room::{FRAME_EVENT_BYTES, Member, Outbound, SessionCtl, events_message};
 use crate::server::{ConnGuard, Hub};
 
 /// Outbound messages taken per round before writing, so one busy room cannot starve the
 /// socket's reads.
 const DRAIN: usize = 256;
-/// Most bytes of events in one replay frame.
-const REPLAY_FRAME_BYTES: usize = 1 << 20;
 /// A client silent for this many heartbeats is closed.
 const IDLE_HEARTBEATS: u32 = 3;
 /// Deliveries counted before they are added to the shared metric (and at every heartbeat and
@@ -82,6 +80,8 @@ struct Sub {
     delivered: u64,
     /// Set while the branch is fed from the log instead of live batches.
     catching_since: Option<Instant>,
+    /// When this branch last got a replay chunk: branches catching up take turns.
+    last_step: Option<Instant>,
 }
 
 /// What to do with a live batch of seqs `first..=last` for one followed branch.
@@ -191,7 +191,8 @@ async fn greet(mut ws: WebSocket, codec: Codec, hub: Arc<Hub>) -> Option<Greeted
         }
         None => return None,
     };
-    let offset_ms = now_ms() - hello.client_time_ms;
+    // Saturating: the client's time is whatever it says.
+    let offset_ms = now_ms().saturating_sub(hello.client_time_ms);
     match admit(&hub, &hello) {
         Ok(claims) => Some(Greeted {
             ws,
@@ -341,16 +342,14 @@ fn admit(hub: &Hub, hello: &Hello) -> Result<Claims, Fatal> {
     Ok(claims)
 }
 
-/// Sends an `error` frame and a close frame, best effort.
+/// Sends an `error` frame and a close frame, best effort and bounded: a client that reads
+/// nothing gets neither and is dropped after [`CLOSE_WAIT`].
 async fn close(ws: &mut WebSocket, codec: Codec, fatal: &Fatal, after_hello: bool) {
     let frame = ServerFrame::Error(ErrorFrame {
         code: fatal.code,
         message: fatal.message.clone(),
         fatal: true,
     });
-    if let Some(msg) = encode(codec, &frame) {
-        let _ = ws.feed(msg).await;
-    }
     let mut reason = fatal.message.clone();
     // A close reason is at most 123 bytes.
     while reason.len() > 120 {
@@ -360,8 +359,15 @@ async fn close(ws: &mut WebSocket, codec: Codec, fatal: &Fatal, after_hello: boo
         code: CloseCode::for_error(fatal.code, after_hello).as_u16(),
         reason: reason.into(),
     };
-    let _ = ws.feed(Message::Close(Some(close))).await;
-    if ws.flush().await.is_err() {
+    let sent = tokio::time::timeout(CLOSE_WAIT, async {
+        if let Some(msg) = encode(codec, &frame) {
+            ws.feed(msg).await?;
+        }
+        ws.feed(Message::Close(Some(close))).await?;
+        ws.flush().await
+    })
+    .await;
+    if !matches!(sent, Ok(Ok(()))) {
         return;
     }
     // Finish the closing handshake: wait (briefly) for the client's close before dropping the
@@ -529,8 +535,12 @@ impl Session {
                 member,
                 delivered,
                 catching_since,
+                last_step: None,
             },
         );
+        if catching_since.is_some() {
+            self.hub.metrics.catchups.increment(1);
+        }
         if shared.session_joined(&self.claims.device, self.claims.role) {
             self.presence(&shared, PresenceChange::Joined);
         }
@@ -608,9 +618,30 @@ impl Session {
         tokio::pin!(cancelled);
         loop {
             if !self.out.is_empty() {
-                if let Err(e) = self.write(ws).await {
-                    tracing::debug!(error = %e, "session write failed");
-                    return None;
+                // A client that stops reading fills its socket and stalls this write; it is
+                // given as long as a catching-up branch (or, once the hub stops, as long as a
+                // close), then closed as too slow. Nothing else of the session runs meanwhile,
+                // and nothing else of the hub waits for it.
+                let stopping = self.hub.shutdown.is_cancelled();
+                let deadline = if stopping {
+                    CLOSE_WAIT
+                } else {
+                    self.hub.config.limits.too_slow_after
+                };
+                match tokio::time::timeout(deadline, Box::pin(self.write(ws))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "session write failed");
+                        return None;
+                    }
+                    Err(_) if stopping => return None,
+                    Err(_) => {
+                        self.hub.metrics.too_slow.increment(1);
+                        return Some(Fatal::new(
+                            ErrorCode::TooSlow,
+                            "the client read nothing for too long; reconnect and resume",
+                        ));
+                    }
                 }
             }
             if closing && self.inflight.is_empty() {
@@ -736,7 +767,7 @@ impl Session {
             ClientFrame::ListDevices(list) => self.list_devices(&list.branch).await,
             ClientFrame::Ping(ping) => {
                 let now = now_ms();
-                self.offset_ms = now - ping.client_time_ms;
+                self.offset_ms = now.saturating_sub(ping.client_time_ms);
                 self.push(&ServerFrame::Pong(Pong {
                     nonce: ping.nonce,
                     client_time_ms: ping.client_time_ms,
@@ -893,6 +924,7 @@ impl Session {
                     Take::After(delivered) => batch.message_after(delivered, codec),
                     Take::Gap => {
                         sub.catching_since = Some(Instant::now());
+                        self.hub.metrics.catchups.increment(1);
                         return;
                     }
                 };
@@ -915,14 +947,15 @@ impl Session {
         }
     }
 
-    /// Sends one chunk of the log to one branch that is catching up.
+    /// Sends one chunk of the log to the branch catching up that waited longest for one.
     fn catch_up_step(&mut self) {
         let limits = &self.hub.config.limits;
         let (chunk, too_slow_after) = (limits.replay_chunk_events, limits.too_slow_after);
         let Some(name) = self
             .subs
             .iter()
-            .find(|(_, s)| s.catching_since.is_some())
+            .filter(|(_, s)| s.catching_since.is_some())
+            .min_by_key(|(_, s)| s.last_step)
             .map(|(n, _)| n.clone())
         else {
             return;
@@ -931,6 +964,7 @@ impl Session {
         let Some(sub) = self.subs.get_mut(&name) else {
             return;
         };
+        sub.last_step = Some(Instant::now());
         let shared = sub.handle.shared.clone();
         let committed = shared.committed();
         if sub.delivered >= committed {
@@ -972,11 +1006,11 @@ impl Session {
                 return;
             }
         };
-        // One replay frame carries at most REPLAY_FRAME_BYTES (and at least one event).
+        // One replay frame carries at most FRAME_EVENT_BYTES (and at least one event).
         let mut bytes = 0;
         if let Some(cut) = events.iter().position(|e| {
             bytes += e.bytes.len();
-            bytes > REPLAY_FRAME_BYTES
+            bytes > FRAME_EVENT_BYTES
         }) {
             events.truncate(cut.max(1));
         }

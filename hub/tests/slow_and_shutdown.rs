@@ -94,19 +94,9 @@ async fn a_stalled_reader_stays_bounded_delays_no_one_and_resumes_gap_free() {
     // The stalled reader now reads: it gets every event once, in order, caught up from the log.
     let resumed = stalled.events_through("b1", TOTAL).await;
     assert_contiguous(&resumed, 1, TOTAL);
-    let metrics = reqwest::get(format!("{}/metrics", hub.http_url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let catchups: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("branchline_catchups_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap();
+    let catchups = metric(&hub, "branchline_catchups_total").await.unwrap();
     assert!(
-        catchups >= 1,
+        catchups >= 1.0,
         "the stalled session was cut over to catch-up"
     );
     eprintln!(
@@ -114,42 +104,68 @@ async fn a_stalled_reader_stays_bounded_delays_no_one_and_resumes_gap_free() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_that_cannot_catch_up_is_closed_as_too_slow() {
-    let hub = TestHub::start_with(|c| {
-        c.limits.session_queue_events = 32;
-        c.limits.too_slow_after = Duration::from_millis(200);
+/// A hub that gives up on a session after `too_slow_after`, with small queues and no
+/// publish rate limit, so that one publisher can flood it.
+async fn flood_hub(queue: usize, too_slow_after: Duration) -> TestHub {
+    TestHub::start_with(|c| {
+        c.limits.session_queue_events = queue;
+        c.limits.too_slow_after = too_slow_after;
         c.limits.publish_rate = 1_000_000;
         c.limits.publish_burst = 1_000_000;
     })
-    .await;
-    let mut stalled = session(
-        &hub,
+    .await
+}
+
+/// A cashier session of branch b1.
+async fn till(hub: &TestHub, device: &str, subscriptions: Vec<Subscription>) -> Ws {
+    session(
+        hub,
         Codec::MsgPack,
         &["b1"],
-        "till-slow",
+        device,
         Role::Cashier,
-        vec![live("b1")],
+        subscriptions,
     )
-    .await;
-    let publisher = session(
-        &hub,
-        Codec::MsgPack,
-        &["b1"],
-        "till-x",
-        Role::Cashier,
-        vec![],
-    )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_cannot_catch_up_is_closed_as_too_slow() {
+    let hub = flood_hub(32, Duration::from_millis(200)).await;
+    let mut stalled = till(&hub, "till-slow", vec![live("b1")]).await;
+    let publisher = till(&hub, "till-x", vec![]).await;
     let answers = publisher
         .publish_all((1..=20_000).map(|i| publish("b1", i, heavy(i))).collect())
         .await;
     assert!(answers.iter().all(Result::is_ok));
+    // The hub gave up on it as too slow, whether it found out in catch-up or because its
+    // socket accepted nothing; it says so with 4008 where the client can still read that.
+    wait_for_metric(&hub, "branchline_too_slow_closes_total", |v| v >= 1.0).await;
     let (error, code) = stalled.closed().await;
-    assert_eq!(
-        (error.map(|e| e.code), code),
-        (Some(ErrorCode::TooSlow), Some(4008))
+    if let Some(code) = code {
+        assert_eq!(
+            (error.map(|e| e.code), code),
+            (Some(ErrorCode::TooSlow), 4008)
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_is_closed_and_holds_up_no_one() {
+    let hub = flood_hub(64, Duration::from_millis(500)).await;
+    // This client never reads again after its welcome: once the hub's writes to it fill the
+    // socket, they stall. The hub must neither wait for it forever nor keep its slot.
+    let _frozen = till(&hub, "till-frozen", vec![live("b1")]).await;
+    let mut fast = till(&hub, "till-fast", vec![live("b1")]).await;
+    let publisher = till(&hub, "till-x", vec![]).await;
+    const TOTAL: u64 = 20_000;
+    let publishing = tokio::spawn(
+        publisher.publish_all((1..=TOTAL).map(|i| publish("b1", i, heavy(i))).collect()),
     );
+    assert_contiguous(&fast.events_through("b1", TOTAL).await, 1, TOTAL);
+    assert!(publishing.await.unwrap().iter().all(Result::is_ok));
+    wait_for_metric(&hub, "branchline_too_slow_closes_total", |v| v >= 1.0).await;
+    wait_for_metric(&hub, "branchline_sessions", |v| v <= 2.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -196,6 +196,13 @@ pub fn hello_frame(
 /// publishing, receives every event exactly once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resume_delivers_exactly_what_was_missed_while_publishing_continues() {
+    // Each seed is another interleaving of bursts, pauses and reconnects.
+    for seed in [7, 1_001, 90_210] {
+        resume_while_publishing(seed).await;
+    }
+}
+
+async fn resume_while_publishing(seed: u64) {
     const TOTAL: u64 = 3_000;
     let hub = TestHub::start().await;
     let writer_token = hub.token("acme", &["b1"], "till-w", Role::Cashier);
@@ -203,7 +210,7 @@ async fn resume_delivers_exactly_what_was_missed_while_publishing_continues() {
     let epoch = writer.hello(&writer_token, "acme", "till-w", vec![]).await;
     let _ = epoch;
     let publishing = tokio::spawn(async move {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut seq = 0;
         while seq < TOTAL {
             let burst = rng.random_range(1..=40).min(TOTAL - seq);
@@ -221,7 +228,7 @@ async fn resume_delivers_exactly_what_was_missed_while_publishing_continues() {
     });
 
     let token = hub.token("acme", &["b1"], "till-r", Role::Cashier);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed + 1);
     let mut received: Vec<Event> = Vec::new();
     let mut position: Option<Position> = None;
     let mut rounds = 0;
@@ -262,7 +269,10 @@ async fn resume_delivers_exactly_what_was_missed_while_publishing_continues() {
     publishing.await.unwrap();
     let first = received[0].seq;
     assert_contiguous(&received, first, TOTAL);
-    assert!(rounds > 5, "the reader resumed several times ({rounds})");
+    assert!(
+        rounds > 5,
+        "seed {seed}: the reader resumed several times ({rounds})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,11 +289,22 @@ async fn positions_that_cannot_be_served_get_resync_required_and_no_events() {
         till.publish(publish("b1", i, note(i))).await.unwrap();
     }
     hub.run_retention().await;
+    // Another till keeps publishing while the readers are refused.
+    let mut other = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-2",
+        Role::Cashier,
+        vec![],
+    )
+    .await;
+    let mut head = 20;
 
     let cases = [
         (Epoch(epoch.0 ^ 1), 5, ResyncReason::EpochMismatch),
         (epoch, 2, ResyncReason::BelowFloor),
-        (epoch, 21, ResyncReason::AheadOfHead),
+        (epoch, 1_000, ResyncReason::AheadOfHead),
     ];
     for (e, seq, reason) in cases {
         let mut reader = connect(&hub, Codec::MsgPack).await;
@@ -293,18 +314,23 @@ async fn positions_that_cannot_be_served_get_resync_required_and_no_events() {
         let start = &welcome.branches[0];
         assert_eq!(
             (start.mode, start.head, start.floor),
-            (StartMode::ResyncRequired, 20, 15)
+            (StartMode::ResyncRequired, head, 15)
         );
         match reader.frame().await {
             ServerFrame::ResyncRequired(r) => assert_eq!(
                 (r.reason, r.epoch, r.head, r.floor),
-                (reason, epoch, 20, 15)
+                (reason, epoch, head, 15)
             ),
             other => panic!("expected resync_required, got {other:?}"),
         }
         // Nothing else is sent for the branch: the next frame is the answer to a ping, even after
         // more events are published.
-        till.publish(publish("b1", 21 + seq, note(0))).await.ok();
+        let accepted = other
+            .publish(publish("b1", head - 19, note(head)))
+            .await
+            .unwrap();
+        head += 1;
+        assert_eq!(accepted.seq, head);
         reader
             .send(&ClientFrame::Ping(Ping {
                 nonce: 9,
@@ -323,8 +349,8 @@ async fn positions_that_cannot_be_served_get_resync_required_and_no_events() {
         .hello(&token, "acme", "till-1", vec![from("b1", epoch, 15)])
         .await;
     assert_eq!(welcome.branches[0].mode, StartMode::Replay);
-    let events = reader.events_through("b1", 20).await;
-    assert_eq!(events[0].seq, 16);
+    let events = reader.events_through("b1", head).await;
+    assert_contiguous(&events, 16, head);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -354,3 +354,29 @@ impl Api {
         resp.json().await.unwrap()
     }
 }
+
+/// The value of the hub's Prometheus metric `name` (a counter or gauge without labels).
+pub async fn metric(hub: &TestHub, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{}/metrics", hub.http_url()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits (up to 30 s) until the hub's metric `name` satisfies `ok`.
+pub async fn wait_for_metric(hub: &TestHub, name: &str, ok: impl Fn(f64) -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let value = metric(hub, name).await;
+        if value.is_some_and(&ok) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{name} is {value:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
