@@ -370,13 +370,13 @@ pub async fn metric(hub: &TestHub, name: &str) -> Option<f64> {
 
 /// Waits (up to 30 s) until the hub's metric `name` satisfies `ok`.
 pub async fn wait_for_metric(hub: &TestHub, name: &str, ok: impl Fn(f64) -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let value = metric(hub, name).await;
         if value.is_some_and(&ok) {
             return;
         }
         assert!(std::time::Instant::now() < deadline, "{name} is {value:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
