@@ -175,7 +175,9 @@ pub async fn run(shared: Arc<Shared>, plan: Plan, probe: Arc<Probe>) {
     streams.flush();
     if let Some(p) = publisher.as_mut() {
         p.flush();
-        probe.inflight.store(p.inflight() as u64, Ordering::Release);
+        probe
+            .inflight
+            .store(p.outstanding() as u64, Ordering::Release);
     }
     probe.done.store(true, Ordering::Release);
 }
@@ -321,7 +323,9 @@ async fn session(
             if let Err(e) = p.fill(clock::now_ns(), &mut out) {
                 return Flow::Failed(format!("cannot encode a publish: {e}"));
             }
-            probe.inflight.store(p.inflight() as u64, Ordering::Release);
+            probe
+                .inflight
+                .store(p.outstanding() as u64, Ordering::Release);
         }
         if !out.is_empty() {
             for frame in out.drain(..) {

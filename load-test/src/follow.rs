@@ -24,7 +24,7 @@ pub struct Probe {
     pub connected: AtomicBool,
     /// Events the session was behind, summed over its branches, at its latest start.
     pub behind: AtomicU64,
-    /// Publishes waiting for their answer.
+    /// Publishes not yet accepted (waiting for their answer, or rejected and to be resent).
     pub inflight: AtomicU64,
     /// Set when the session's task has ended.
     pub done: AtomicBool,
@@ -58,16 +58,6 @@ pub struct Arrival {
     pub stamp: Option<u64>,
     /// When the hub sequenced it (hub wall clock, ms).
     pub server_time_ms: Option<u64>,
-}
-
-impl Arrival {
-    /// An event without stamps.
-    pub fn seq(seq: u64) -> Self {
-        Self {
-            seq,
-            ..Self::default()
-        }
-    }
 }
 
 struct Branch {
@@ -234,13 +224,14 @@ impl Streams {
                     .anomaly(self.who.as_str(), b.name.as_str(), &anomaly);
             }
             if let Some(stamp) = e.stamp {
-                self.latency.push(clock::micros_between(stamp, now_ns));
+                self.latency
+                    .push(stamp, clock::micros_between(stamp, now_ns));
                 if let Some(sequenced) = e.server_time_ms {
                     let sent = clock::wall_ms(stamp);
                     self.to_sequenced
-                        .push(sequenced.saturating_sub(sent) * 1_000);
+                        .push(stamp, sequenced.saturating_sub(sent) * 1_000);
                     self.from_sequenced
-                        .push(now_ms.saturating_sub(sequenced) * 1_000);
+                        .push(stamp, now_ms.saturating_sub(sequenced) * 1_000);
                 }
             }
         }
@@ -312,6 +303,14 @@ mod tests {
         Name::new(s).unwrap()
     }
 
+    /// An event without stamps.
+    fn arrival(seq: u64) -> Arrival {
+        Arrival {
+            seq,
+            ..Arrival::default()
+        }
+    }
+
     fn start(head: u64, mode: StartMode) -> BranchStart {
         BranchStart {
             branch: name("b1"),
@@ -338,7 +337,7 @@ mod tests {
         s.start(&[start(10, StartMode::Live)]).unwrap();
         let epoch = Epoch(7).to_string();
         for seq in 11..=13 {
-            s.event(Some("b1"), Some(&epoch), Arrival::seq(seq), 0);
+            s.event(Some("b1"), Some(&epoch), arrival(seq), 0);
         }
         s.caught_up(Some("b1"), 13, 5);
         s.publish_progress();
@@ -360,10 +359,10 @@ mod tests {
         let mut s = Streams::new(name("sub-1"), vec![name("b1")], None, stats.clone(), probe);
         s.start(&[start(0, StartMode::Live)]).unwrap();
         let epoch = Epoch(7).to_string();
-        s.event(Some("b1"), Some(&epoch), Arrival::seq(1), 0);
-        s.event(Some("b1"), Some(&epoch), Arrival::seq(3), 0);
+        s.event(Some("b1"), Some(&epoch), arrival(1), 0);
+        s.event(Some("b1"), Some(&epoch), arrival(3), 0);
         assert_eq!(stats.gaps.load(Ordering::Relaxed), 1);
-        s.event(Some("b1"), Some("0000000000000008"), Arrival::seq(4), 0);
+        s.event(Some("b1"), Some("0000000000000008"), arrival(4), 0);
         assert_eq!(stats.errors.load(Ordering::Relaxed), 1);
         assert!(s.start(&[start(4, StartMode::ResyncRequired)]).is_err());
     }

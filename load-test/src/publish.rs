@@ -11,8 +11,13 @@
 //! does not use up its `device_seq`, and the publishes pipelined behind it come back
 //! `out_of_order`: the publisher counts them as rejected, waits until nothing is in flight,
 //! backs off for [`RATE_LIMIT_PAUSE`] (as a real client would, instead of spinning on
-//! rejections) and continues from the `device_seq` the hub expects. Any other rejection is an
-//! error.
+//! rejections) and then sends the rejected events again, from the `device_seq` the hub
+//! expects, each with the stamp it first had (and a fresh event id: the hub applied nothing
+//! of the rejected one). A rejection therefore costs no slot of the schedule: a rejected
+//! event's latency runs from when it was first meant to go out, through the rejection and the
+//! pause, to its `accepted`; the events scheduled after it keep their own intended times
+//! (with a rate, the backlog that built up during the pause goes out at once, open loop). Any
+//! other rejection is an error, and that event is not resent.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -75,6 +80,7 @@ pub struct PublishPlan {
 struct Pending {
     id: Uuid,
     device_seq: u64,
+    /// When it was first meant to go out (kept when it is resent).
     stamp_ns: u64,
 }
 
@@ -87,7 +93,13 @@ pub struct Publisher {
     send_lag: LatencyBuf,
     next_seq: u64,
     inflight: VecDeque<Pending>,
-    /// Rate mode: when the schedule started and how many events it has emitted.
+    /// Stamps of events rejected in the current round (in publish order), to resend once
+    /// nothing is in flight.
+    rejected: Vec<u64>,
+    /// Stamps of rejected events waiting to be sent again, ahead of any new event.
+    retry: VecDeque<u64>,
+    /// Rate mode: when the schedule started and how many of its slots have been used (a
+    /// resent event keeps its first slot).
     started_ns: Option<u64>,
     scheduled: u64,
     /// Set after a rejection: continue from this `device_seq` once nothing is in flight.
@@ -108,6 +120,8 @@ impl Publisher {
             stats,
             next_seq,
             inflight: VecDeque::new(),
+            rejected: Vec::new(),
+            retry: VecDeque::new(),
             started_ns: None,
             scheduled: 0,
             rewind_to: None,
@@ -116,12 +130,14 @@ impl Publisher {
         }
     }
 
-    /// Publishes waiting for their answer.
-    pub fn inflight(&self) -> usize {
-        self.inflight.len()
+    /// Publishes not yet accepted: waiting for their answer, or rejected and waiting to be
+    /// sent again.
+    pub fn outstanding(&self) -> usize {
+        self.inflight.len() + self.rejected.len() + self.retry.len()
     }
 
-    /// Stops emitting new publishes (answers are still taken).
+    /// Stops emitting new publishes; answers are still taken and rejected events still resent
+    /// (they were published before the stop).
     pub fn stop(&mut self) {
         self.stopped = true;
     }
@@ -138,18 +154,24 @@ impl Publisher {
     /// When the next paced publish is due (harness clock), if the publisher is waiting for
     /// time rather than for answers.
     pub fn next_due(&self) -> Option<u64> {
-        if self.stopped || self.rewind_to.is_some() || self.inflight.len() >= self.plan.pace.cap() {
+        if self.rewind_to.is_some()
+            || self.inflight.len() >= self.plan.pace.cap()
+            || (self.stopped && self.retry.is_empty())
+        {
             return None;
         }
         if self.paused_until.is_some() {
             return self.paused_until;
         }
-        self.intended_ns(self.scheduled)
+        match self.retry.front() {
+            Some(&stamp) => Some(stamp),
+            None => self.intended_ns(self.scheduled),
+        }
     }
 
-    /// Encodes every publish due at `now_ns` into `out`.
+    /// Encodes every publish due at `now_ns` into `out`: rejected events first, then new ones.
     pub fn fill(&mut self, now_ns: u64, out: &mut Vec<Bytes>) -> Result<(), EncodeError> {
-        if self.stopped || self.rewind_to.is_some() {
+        if self.rewind_to.is_some() || (self.stopped && self.retry.is_empty()) {
             return Ok(());
         }
         match self.paused_until {
@@ -158,14 +180,21 @@ impl Publisher {
             None => {}
         }
         self.started_ns.get_or_insert(now_ns);
-        loop {
-            let stamp_ns = match self.plan.pace {
-                _ if self.inflight.len() >= self.plan.pace.cap() => return Ok(()),
-                Pace::Window(_) => now_ns,
-                Pace::Rate { .. } => match self.intended_ns(self.scheduled) {
-                    Some(t) if t <= now_ns => t,
-                    _ => return Ok(()),
-                },
+        while self.inflight.len() < self.plan.pace.cap() {
+            let (stamp_ns, resent) = if let Some(stamp) = self.retry.pop_front() {
+                (stamp, true)
+            } else if self.stopped {
+                return Ok(());
+            } else {
+                let stamp = match self.plan.pace {
+                    Pace::Window(_) => now_ns,
+                    Pace::Rate { .. } => match self.intended_ns(self.scheduled) {
+                        Some(t) if t <= now_ns => t,
+                        _ => return Ok(()),
+                    },
+                };
+                self.scheduled += 1;
+                (stamp, false)
             };
             let pending = Pending {
                 id: Uuid::now_v7(),
@@ -183,11 +212,15 @@ impl Publisher {
                 &self.plan.payload,
             )?;
             out.push(Bytes::from(buf));
-            self.send_lag.push(clock::micros_between(stamp_ns, now_ns));
+            if !resent {
+                // The harness's own lateness; a resent event's wait is the hub's doing.
+                self.send_lag
+                    .push(stamp_ns, clock::micros_between(stamp_ns, now_ns));
+            }
             self.inflight.push_back(pending);
             self.next_seq += 1;
-            self.scheduled += 1;
         }
+        Ok(())
     }
 
     /// Takes the answer for `event_id` off the queue; answers come in publish order.
@@ -212,10 +245,16 @@ impl Publisher {
         }
     }
 
+    /// Once a rejection round has no answer left to wait for, rewinds `device_seq` and puts
+    /// the rejected events ahead of those still waiting to be resent (they were published
+    /// before them).
     fn settle(&mut self) {
         if self.inflight.is_empty() {
             if let Some(seq) = self.rewind_to.take() {
                 self.next_seq = seq;
+                for stamp in self.rejected.drain(..).rev() {
+                    self.retry.push_front(stamp);
+                }
             }
         }
     }
@@ -234,7 +273,8 @@ impl Publisher {
             ));
         } else {
             self.stats.acked.fetch_add(1, Ordering::Relaxed);
-            self.latency.push(clock::micros_between(p.stamp_ns, now_ns));
+            self.latency
+                .push(p.stamp_ns, clock::micros_between(p.stamp_ns, now_ns));
         }
         self.plan.head.fetch_max(seq, Ordering::AcqRel);
         self.settle();
@@ -257,8 +297,10 @@ impl Publisher {
         if code == "rate_limited" {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
             self.paused_until = Some(now_ns + RATE_LIMIT_PAUSE);
+            self.rejected.push(p.stamp_ns);
         } else if pipelined_behind_a_rejection {
             self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+            self.rejected.push(p.stamp_ns);
         } else {
             self.stats.error(format!(
                 "{}: publish device_seq {} rejected {code}: {message}",
@@ -283,6 +325,7 @@ mod tests {
 
     fn publisher(pace: Pace) -> (Publisher, Arc<Stats>) {
         let stats = Arc::new(Stats::new());
+        stats.open_latency_window(0);
         let plan = PublishPlan {
             branch: Name::new("b1").unwrap(),
             pace,
@@ -315,7 +358,7 @@ mod tests {
         let stamps: Vec<u64> = p.inflight.iter().map(|x| x.stamp_ns).collect();
         assert_eq!(stamps[10], 1_010_000_000, "stamped with the intended time");
         p.fill(1_500_000_000, &mut out).unwrap();
-        assert_eq!(p.inflight(), 100, "no more unanswered than the cap");
+        assert_eq!(p.outstanding(), 100, "no more unanswered than the cap");
         assert_eq!(p.next_due(), None, "waiting for answers, not time");
         let first = p.inflight.front().unwrap().id.to_string();
         p.accepted(Some(&first), 1, false, 1_500_000_000);
@@ -331,7 +374,7 @@ mod tests {
         let (mut p, stats) = publisher(Pace::Window(4));
         let mut out = Vec::new();
         p.fill(0, &mut out).unwrap();
-        assert_eq!(p.inflight(), 4);
+        assert_eq!(p.outstanding(), 4);
         let (id, _) = ids(&p)[0].clone();
         p.accepted(Some(&id), 1, false, 2_000_000);
         assert_eq!(stats.acked.load(Ordering::Relaxed), 1);
@@ -359,12 +402,85 @@ mod tests {
         assert!(out.is_empty());
         p.fill(RATE_LIMIT_PAUSE, &mut out).unwrap();
         assert_eq!(
-            ids(&p)[0].1,
-            2,
-            "continues from the device_seq the hub expects"
+            ids(&p).iter().map(|x| x.1).collect::<Vec<_>>(),
+            [2, 3, 4],
+            "resends from the device_seq the hub expects, then a new event"
+        );
+        let stamps: Vec<u64> = p.inflight.iter().map(|x| x.stamp_ns).collect();
+        assert_eq!(
+            stamps,
+            [0, 0, RATE_LIMIT_PAUSE],
+            "the resent events keep their first send time"
         );
         assert_eq!(stats.rejected.load(Ordering::Relaxed), 2);
         assert_eq!(stats.failures(), 0);
+    }
+
+    #[test]
+    fn rejected_events_keep_their_slots_and_the_schedule_holds() {
+        const MS: u64 = 1_000_000;
+        let t0 = 1_000 * MS;
+        let (mut p, stats) = publisher(Pace::Rate {
+            per_s: 1_000.0,
+            max_inflight: 100,
+        });
+        let mut out = Vec::new();
+        p.fill(t0, &mut out).unwrap();
+        p.fill(t0 + 3 * MS, &mut out).unwrap();
+        let sent = ids(&p);
+        assert_eq!(sent.len(), 4, "slots 0 to 3");
+        p.accepted(Some(&sent[0].0), 1, false, t0 + 3 * MS);
+        p.rejected(Some(&sent[1].0), "rate_limited", None, "", t0 + 4 * MS);
+        p.rejected(Some(&sent[2].0), "out_of_order", Some(2), "", t0 + 4 * MS);
+        p.rejected(Some(&sent[3].0), "out_of_order", Some(2), "", t0 + 4 * MS);
+        assert_eq!(p.outstanding(), 3, "the rejected events are still owed");
+        let resume = t0 + 4 * MS + RATE_LIMIT_PAUSE;
+        assert_eq!(p.next_due(), Some(resume));
+        p.fill(resume, &mut out).unwrap();
+        // Every slot from 1 up to the resume time goes out exactly once, in order: the three
+        // rejected ones with their first stamps, then the backlog of the pause.
+        let slots = (resume - t0) / MS;
+        let stamps: Vec<u64> = p.inflight.iter().map(|x| x.stamp_ns).collect();
+        let expected: Vec<u64> = (1..=slots).map(|k| t0 + k * MS).collect();
+        assert_eq!(stamps, expected);
+        let seqs: Vec<u64> = ids(&p).iter().map(|x| x.1).collect();
+        assert_eq!(seqs, (2..=slots + 1).collect::<Vec<_>>());
+        // The rate-limited event's latency runs from its first intended time.
+        let resent = ids(&p)[0].0.clone();
+        p.accepted(Some(&resent), 2, false, t0 + 60 * MS);
+        p.flush();
+        let ack = stats.percentiles(Latency::Ack).unwrap();
+        assert_eq!(ack.count, 2);
+        assert!((ack.max - 59.0).abs() < 0.1, "{ack:?}");
+        let lag = stats.percentiles(Latency::SendLag).unwrap();
+        assert_eq!(lag.count, 4 + slots - 3, "send lag counts first sends only");
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.failures(), 0);
+    }
+
+    #[test]
+    fn events_rejected_before_a_stop_are_still_resent() {
+        let (mut p, stats) = publisher(Pace::Window(2));
+        let mut out = Vec::new();
+        p.fill(0, &mut out).unwrap();
+        let sent = ids(&p);
+        p.rejected(Some(&sent[0].0), "rate_limited", None, "", 0);
+        p.rejected(Some(&sent[1].0), "out_of_order", Some(1), "", 0);
+        p.stop();
+        assert_eq!(p.next_due(), Some(RATE_LIMIT_PAUSE));
+        out.clear();
+        p.fill(RATE_LIMIT_PAUSE, &mut out).unwrap();
+        assert_eq!(out.len(), 2, "the two rejected, nothing new");
+        let resent = ids(&p);
+        assert_eq!((resent[0].1, resent[1].1), (1, 2));
+        p.accepted(Some(&resent[0].0), 1, false, RATE_LIMIT_PAUSE);
+        p.accepted(Some(&resent[1].0), 2, false, RATE_LIMIT_PAUSE);
+        assert_eq!(p.outstanding(), 0);
+        assert_eq!(p.next_due(), None);
+        out.clear();
+        p.fill(2 * RATE_LIMIT_PAUSE, &mut out).unwrap();
+        assert!(out.is_empty());
+        assert_eq!(stats.acked.load(Ordering::Relaxed), 2);
     }
 
     #[test]

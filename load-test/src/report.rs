@@ -94,21 +94,26 @@ pub struct Report {
     pub hub: String,
     /// Length of the measured window (catch-up time for `catchup`), seconds.
     pub duration_s: f64,
-    /// Sessions the scenario held.
+    /// The most sessions open at once during the measured window (what actually opened, not
+    /// what was planned).
     pub connections: u64,
     /// Events received by followers in the window.
     pub deliveries: u64,
-    /// `deliveries` per second.
-    pub deliveries_per_s: f64,
+    /// `deliveries` per second; `None` where nothing is delivered to followers (`publish`,
+    /// `idle`).
+    pub deliveries_per_s: Option<f64>,
     /// Publishes acknowledged in the window.
     pub publishes_acked: u64,
-    /// `publishes_acked` per second.
-    pub publishes_acked_per_s: f64,
+    /// `publishes_acked` per second; `None` where no session publishes (`idle`, `catchup`).
+    pub publishes_acked_per_s: Option<f64>,
     /// Publishes rejected as expected under load (`rate_limited`) in the window.
     pub publishes_rejected: u64,
-    /// Publish (intended time) → receive, for followers.
+    /// Publish (intended time) → receive, for followers: every delivery of the events meant
+    /// to be sent inside the window, also those received only after it closed.
     pub latency_ms: Option<Percentiles>,
-    /// Publish (intended time with `--rate`, else send time) → `accepted`.
+    /// Publish (intended time with `--rate`, else first send time) → `accepted`, for the
+    /// publishes meant to be sent inside the window (a rejected and resent one from its first
+    /// intended time).
     pub ack_latency_ms: Option<Percentiles>,
     /// `latency_ms` split at the moment the hub sequenced the event (its `server_time_ms`),
     /// for a hub on this machine: where the time goes. Millisecond resolution.
@@ -228,13 +233,13 @@ impl Report {
             ("duration", format!("{:.2} s", self.duration_s)),
             ("connections", thousands(self.connections)),
         ];
-        if self.deliveries > 0 || self.latency_ms.is_some() {
+        if let Some(rate) = self.deliveries_per_s {
             rows.push((
                 "deliveries",
                 format!(
                     "{}  ({}/s)",
                     thousands(self.deliveries),
-                    thousands(self.deliveries_per_s.round() as u64)
+                    thousands(rate.round() as u64)
                 ),
             ));
         }
@@ -249,13 +254,13 @@ impl Report {
                 percentiles(split.from_sequenced.as_ref()),
             ));
         }
-        if self.publishes_acked > 0 || self.ack_latency_ms.is_some() {
+        if let Some(rate) = self.publishes_acked_per_s {
             rows.push((
                 "publishes acked",
                 format!(
                     "{}  ({}/s), rejected {}",
                     thousands(self.publishes_acked),
-                    thousands(self.publishes_acked_per_s.round() as u64),
+                    thousands(rate.round() as u64),
                     thousands(self.publishes_rejected)
                 ),
             ));

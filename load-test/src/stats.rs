@@ -1,11 +1,16 @@
 //! What the harness counts while it runs: shared counters (read by the progress line and the
-//! report), the two latency histograms, and the first few error messages.
+//! report), the latency histograms (one per [`Latency`]), and the first few error messages.
 //!
 //! Counters are atomics bumped once per frame, not per event. Latencies are buffered per
 //! connection in a [`LatencyBuf`] and merged into the shared HdrHistogram under a lock a few
 //! hundred samples at a time, so thousands of connections never contend on it.
+//!
+//! **Which latencies count.** A sample belongs to the measured window when the event's
+//! intended send stamp falls inside it, whenever the answer arrives: the events published in
+//! the window's last moments that an overloaded hub delivers only during the drain are the
+//! slowest ones, and dropping them would make p99 and max read low exactly when they matter.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use hdrhistogram::Histogram;
@@ -65,9 +70,14 @@ pub struct Stats {
     pub errors: AtomicU64,
     /// Sessions open now (past `welcome`).
     pub open: AtomicU64,
+    /// The most sessions open at once since [`Stats::reset_peak_open`].
+    pub peak_open: AtomicU64,
     /// Connection attempts the hub refused with 503 `overloaded` and that were retried.
     pub connect_retries: AtomicU64,
-    recording: AtomicBool,
+    /// Latencies are kept for stamps in `[window_from, window_until)` (harness clock, ns);
+    /// `window_from` is `u64::MAX` until a window opens, so nothing counts before.
+    window_from: AtomicU64,
+    window_until: AtomicU64,
     /// One per [`Latency`], over the whole measured window.
     total: [Mutex<Histogram<u64>>; Latency::ALL],
     /// The same samples since the timeline last took them (one tick).
@@ -122,7 +132,8 @@ impl Percentiles {
 }
 
 fn histogram() -> Histogram<u64> {
-    // 3 significant digits up to 10 minutes: ~130 KiB, and only two exist.
+    // 3 significant digits up to 10 minutes: ~170 KiB each; a run holds ten (the whole window
+    // and the current tick for each of the five kinds), a fixed ~1.7 MiB.
     Histogram::new_with_bounds(1, MAX_MICROS, 3).expect("constant histogram bounds are valid")
 }
 
@@ -137,7 +148,7 @@ impl Default for Stats {
 }
 
 impl Stats {
-    /// Empty stats, not recording latencies yet.
+    /// Empty stats; no latency counts until [`Stats::open_latency_window`].
     pub fn new() -> Self {
         Self {
             deliveries: AtomicU64::new(0),
@@ -148,23 +159,42 @@ impl Stats {
             duplicates: AtomicU64::new(0),
             errors: AtomicU64::new(0),
             open: AtomicU64::new(0),
+            peak_open: AtomicU64::new(0),
             connect_retries: AtomicU64::new(0),
-            recording: AtomicBool::new(false),
+            window_from: AtomicU64::new(u64::MAX),
+            window_until: AtomicU64::new(u64::MAX),
             total: std::array::from_fn(|_| Mutex::new(histogram())),
             recent: std::array::from_fn(|_| Mutex::new(histogram())),
             samples: Mutex::new(Vec::new()),
         }
     }
 
-    /// Starts or stops recording latencies (only the measured phase is recorded; warm-up and
-    /// drain are not).
-    pub fn set_recording(&self, on: bool) {
-        self.recording.store(on, Ordering::Release);
+    /// From now on, latencies of events meant to be sent at or after `at_ns` count (warm-up
+    /// events do not, even when they arrive later).
+    pub fn open_latency_window(&self, at_ns: u64) {
+        self.window_until.store(u64::MAX, Ordering::Release);
+        self.window_from.store(at_ns, Ordering::Release);
     }
 
-    /// Whether latencies are being recorded.
-    pub fn recording(&self) -> bool {
-        self.recording.load(Ordering::Acquire)
+    /// Events meant to be sent at or after `at_ns` no longer count; those meant before still
+    /// do when their answer arrives later (during the drain).
+    pub fn close_latency_window(&self, at_ns: u64) {
+        self.window_until.store(at_ns, Ordering::Release);
+    }
+
+    /// Whether an event stamped `stamp_ns` (its intended send time) is in the measured window.
+    pub fn in_window(&self, stamp_ns: u64) -> bool {
+        stamp_ns >= self.window_from.load(Ordering::Acquire)
+            && stamp_ns < self.window_until.load(Ordering::Acquire)
+    }
+
+    /// Starts a new peak of open sessions from the number open now.
+    pub fn reset_peak_open(&self) {
+        self.peak_open
+            .store(self.open.load(Ordering::Acquire), Ordering::Release);
+        // A session that opened between the two operations above is not lost.
+        self.peak_open
+            .fetch_max(self.open.load(Ordering::Acquire), Ordering::AcqRel);
     }
 
     /// The rate counters now.
@@ -273,9 +303,10 @@ impl LatencyBuf {
         }
     }
 
-    /// Records one latency if the run is in its measured phase.
-    pub fn push(&mut self, micros: u64) {
-        if !self.stats.recording() {
+    /// Records the latency of an event meant to be sent at `stamp_ns` if that stamp is in the
+    /// measured window.
+    pub fn push(&mut self, stamp_ns: u64, micros: u64) {
+        if !self.stats.in_window(stamp_ns) {
             return;
         }
         self.buf.push(micros);
@@ -307,7 +338,8 @@ pub struct OpenGuard {
 impl OpenGuard {
     /// Counts a session as open.
     pub fn new(stats: &Arc<Stats>) -> Self {
-        stats.open.fetch_add(1, Ordering::Relaxed);
+        let open = stats.open.fetch_add(1, Ordering::AcqRel) + 1;
+        stats.peak_open.fetch_max(open, Ordering::AcqRel);
         Self {
             stats: stats.clone(),
         }
@@ -316,7 +348,7 @@ impl OpenGuard {
 
 impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.stats.open.fetch_sub(1, Ordering::Relaxed);
+        self.stats.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -325,17 +357,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn latencies_count_only_while_recording() {
+    fn latencies_count_by_intended_send_time_not_arrival() {
         let stats = Arc::new(Stats::new());
         let mut buf = LatencyBuf::new(stats.clone(), Latency::Delivery);
-        buf.push(5_000);
-        stats.set_recording(true);
-        for us in [1_000, 2_000, 3_000] {
-            buf.push(us);
+        buf.push(50, 5_000);
+        stats.open_latency_window(100);
+        buf.push(99, 4_000);
+        for (stamp, us) in [(100, 1_000), (150, 2_000)] {
+            buf.push(stamp, us);
         }
+        stats.close_latency_window(200);
+        // Meant inside the window, answered after it closed (the slow tail): kept.
+        buf.push(199, 3_000);
+        // Meant after it closed: not part of the measurement.
+        buf.push(200, 9_000);
         drop(buf);
         let p = stats.percentiles(Latency::Delivery).unwrap();
-        assert_eq!(p.count, 3, "the warm-up sample is not kept");
+        assert_eq!(p.count, 3, "only events stamped in [100, 200) count");
+        assert!((p.max - 3.0).abs() < 0.01, "the late answer is kept: {p:?}");
         assert!((p.p50 - 2.0).abs() < 0.01, "{p:?}");
         assert!(stats.percentiles(Latency::Ack).is_none());
         assert_eq!(stats.take_recent(Latency::Delivery).unwrap().count, 3);
@@ -344,6 +383,25 @@ mod tests {
             "each interval starts empty"
         );
         assert_eq!(stats.percentiles(Latency::Delivery).unwrap().count, 3);
+    }
+
+    #[test]
+    fn the_peak_of_open_sessions_is_what_actually_opened() {
+        let stats = Arc::new(Stats::new());
+        let a = OpenGuard::new(&stats);
+        let b = OpenGuard::new(&stats);
+        drop(a);
+        stats.reset_peak_open();
+        assert_eq!(
+            stats.peak_open.load(Ordering::Relaxed),
+            1,
+            "starts from those open"
+        );
+        let c = OpenGuard::new(&stats);
+        let d = OpenGuard::new(&stats);
+        drop((b, c, d));
+        assert_eq!(stats.open.load(Ordering::Relaxed), 0);
+        assert_eq!(stats.peak_open.load(Ordering::Relaxed), 3);
     }
 
     #[test]

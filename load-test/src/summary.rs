@@ -20,11 +20,15 @@ fn rate(v: f64) -> String {
     format!("{}/s", thousands(v.round() as u64))
 }
 
+fn opt_rate(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".into(), rate)
+}
+
 const TARGETS: &[Target] = &[
     Target {
         label: "fanout",
         promise: ">= 500,000 deliveries/s",
-        judge: |r| Some((rate(r.deliveries_per_s), r.deliveries_per_s >= 500_000.0)),
+        judge: |r| r.deliveries_per_s.map(|v| (rate(v), v >= 500_000.0)),
     },
     Target {
         label: "fanout",
@@ -37,7 +41,7 @@ const TARGETS: &[Target] = &[
     Target {
         label: "light",
         promise: "100,000 deliveries/s",
-        judge: |r| Some((rate(r.deliveries_per_s), r.deliveries_per_s >= 95_000.0)),
+        judge: |r| r.deliveries_per_s.map(|v| (rate(v), v >= 95_000.0)),
     },
     Target {
         label: "light",
@@ -58,12 +62,7 @@ const TARGETS: &[Target] = &[
     Target {
         label: "publish",
         promise: ">= 50,000 acked events/s",
-        judge: |r| {
-            Some((
-                rate(r.publishes_acked_per_s),
-                r.publishes_acked_per_s >= 50_000.0,
-            ))
-        },
+        judge: |r| r.publishes_acked_per_s.map(|v| (rate(v), v >= 50_000.0)),
     },
     Target {
         label: "publish",
@@ -194,8 +193,8 @@ pub fn judge(reports: &[Report]) -> Summary {
                 "(no target)".into(),
                 format!(
                     "{} deliveries, {} acks",
-                    rate(r.deliveries_per_s),
-                    rate(r.publishes_acked_per_s)
+                    opt_rate(r.deliveries_per_s),
+                    opt_rate(r.publishes_acked_per_s)
                 ),
                 String::new(),
                 a,
@@ -250,9 +249,9 @@ mod tests {
             duration_s: 10.0,
             connections: 1_001,
             deliveries: 6_000_000,
-            deliveries_per_s: 600_000.0,
+            deliveries_per_s: Some(600_000.0),
             publishes_acked: 6_000,
-            publishes_acked_per_s: 600.0,
+            publishes_acked_per_s: Some(600.0),
             publishes_rejected: 0,
             latency_ms: Some(Percentiles {
                 p50: 1.0,

@@ -63,7 +63,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     Ok((
         Outcome {
             measured,
-            connections: 1,
+            deliveries: true,
             catchup_events_per_s: rate,
             ..Outcome::default()
         },

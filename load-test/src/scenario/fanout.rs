@@ -24,7 +24,8 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     Ok((
         Outcome {
             measured,
-            connections: (p.subscribers + p.branches * p.publishers) as u64,
+            deliveries: true,
+            acks: true,
             latency: true,
             ack_latency: true,
             ..Outcome::default()

@@ -36,34 +36,38 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
         .as_ref()
         .and_then(|h| h.refresh())
         .map(|u| u.rss_bytes);
+    // Memory per connection is over the sessions that actually opened.
+    let opened = env.stats.open.load(Ordering::Acquire);
 
     let window = env.open_window(false).await;
     env.hold("holding", p.duration()).await;
     let measured = env.close_window(window).await;
     let open = env.stats.open.load(Ordering::Acquire);
-    if open < p.connections as u64 {
+    let planned = p.connections as u64;
+    if open < planned {
         env.stats.error(format!(
-            "{} of {} idle sessions were lost while holding",
-            p.connections as u64 - open,
-            p.connections
+            "{} of {planned} idle sessions were not open at the end ({} never opened, {} lost \
+             while holding)",
+            planned - open,
+            planned.saturating_sub(opened),
+            opened.saturating_sub(open)
         ));
     }
     let per_connection = match (baseline, settled.max(measured.hub_rss)) {
-        (Some(base), Some(after)) if p.connections > 0 => {
-            Some(after.saturating_sub(base) as f64 / p.connections as f64)
+        (Some(base), Some(after)) if opened > 0 => {
+            Some(after.saturating_sub(base) as f64 / opened as f64)
         }
         _ => None,
     };
     let harness_per_connection = match (harness_before, crate::usage::sample(std::process::id())) {
-        (Some(before), Ok(after)) if p.connections > 0 => {
-            Some(after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / p.connections as f64)
+        (Some(before), Ok(after)) if opened > 0 => {
+            Some(after.rss_bytes.saturating_sub(before.rss_bytes) as f64 / opened as f64)
         }
         _ => None,
     };
     Ok((
         Outcome {
             measured,
-            connections: p.connections as u64,
             rss_per_connection: per_connection,
             harness_rss_per_connection: harness_per_connection,
             ..Outcome::default()

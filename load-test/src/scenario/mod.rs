@@ -5,6 +5,9 @@
 //! Every scenario follows the same shape: connect (paced below the hub's connection-rate
 //! limit), warm up, open a measured [`Window`], run, close it, stop publishing, drain (every
 //! follower must receive every event up to the final head of its branch), stop, report.
+//!
+//! Rates count what arrived inside the window. Latencies count the events *meant to be sent*
+//! inside it, including the answers that arrive only during the drain (see [`crate::stats`]).
 
 mod catchup;
 mod fanout;
@@ -26,6 +29,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::{RunArgs, Scenario};
 use crate::client::{self, Link, Plan, Shared, Signal};
+use crate::clock;
 use crate::connect::{Pacer, Sources};
 use crate::follow::Probe;
 use crate::hub::Target;
@@ -194,6 +198,8 @@ pub struct Window {
 pub struct Measured {
     /// Its length.
     pub duration: Duration,
+    /// The most sessions open at once in it.
+    pub connections: u64,
     /// Deliveries in it.
     pub deliveries: u64,
     /// Acks in it.
@@ -280,7 +286,10 @@ fn hub_metrics(a: &HashMap<String, f64>, b: &HashMap<String, f64>, over: Duratio
 #[derive(Default)]
 pub struct Outcome {
     measured: Measured,
-    connections: u64,
+    /// Whether followers received published events (else `deliveries_per_s` is null).
+    deliveries: bool,
+    /// Whether the scenario publishes over sessions (else `publishes_acked_per_s` is null).
+    acks: bool,
     latency: bool,
     ack_latency: bool,
     catchup_events_per_s: Option<f64>,
@@ -293,6 +302,37 @@ pub struct Outcome {
 struct Follower {
     probe: Arc<Probe>,
     branches: Vec<usize>,
+}
+
+impl Follower {
+    /// The first followed branch (`(index in the plan, branch index)`) on which it holds less
+    /// than `heads` say was acknowledged, whether or not its session is still running.
+    fn behind(&self, heads: &[u64]) -> Option<(usize, usize)> {
+        self.branches
+            .iter()
+            .enumerate()
+            .find(|&(i, &b)| self.probe.last(i) < heads.get(b).copied().unwrap_or(0))
+            .map(|(i, &b)| (i, b))
+    }
+}
+
+/// Whether some follower is still running and short of a head (worth waiting for). One whose
+/// session ended will not move any more.
+fn still_draining(followers: &[Follower], heads: &[u64]) -> bool {
+    followers
+        .iter()
+        .any(|f| !f.probe.done.load(Ordering::Acquire) && f.behind(heads).is_some())
+}
+
+/// The followers short of a head, running or not, with where: `(follower, index in its plan,
+/// branch)`.
+fn incomplete_streams<'a>(
+    followers: &'a [Follower],
+    heads: &'a [u64],
+) -> impl Iterator<Item = (&'a Follower, usize, usize)> + 'a {
+    followers
+        .iter()
+        .filter_map(|f| f.behind(heads).map(|(i, b)| (f, i, b)))
 }
 
 /// The environment of one run.
@@ -484,15 +524,19 @@ impl Env {
         (hub, me)
     }
 
-    /// Starts measuring (and recording latencies if `latencies`).
+    /// Starts measuring (and recording the latencies of events meant to be sent from now on
+    /// if `latencies`).
     async fn open_window(&self, latencies: bool) -> Window {
         let metrics = self.http.metrics().await.ok();
-        self.stats.set_recording(latencies);
-        let _ = self.stats.take_recent(Latency::Delivery);
-        let _ = self.stats.take_recent(Latency::Ack);
         let (hub, me) = self.usage_now();
         let timeline = Arc::new(Mutex::new(Vec::new()));
         let at = Instant::now();
+        if latencies {
+            self.stats.open_latency_window(clock::ns_at(at));
+        }
+        let _ = self.stats.take_recent(Latency::Delivery);
+        let _ = self.stats.take_recent(Latency::Ack);
+        self.stats.reset_peak_open();
         let sampler = tokio::spawn(sample_ticks(
             self.stats.clone(),
             self.hub.clone(),
@@ -510,12 +554,15 @@ impl Env {
         }
     }
 
-    /// Stops measuring.
+    /// Stops measuring. Events meant to be sent before now still have their latencies
+    /// recorded when their answers arrive later, until the sessions stop.
     async fn close_window(&self, w: Window) -> Measured {
         w.sampler.abort();
-        self.stats.set_recording(false);
-        let duration = w.at.elapsed();
+        let end = Instant::now();
+        self.stats.close_latency_window(clock::ns_at(end));
+        let duration = end.duration_since(w.at);
         let counters = self.stats.counters();
+        let connections = self.stats.peak_open.load(Ordering::Acquire);
         let (hub, me) = self.usage_now();
         let hub_metrics = match (&w.metrics, self.http.metrics().await.ok()) {
             (Some(a), Some(b)) => Some(hub_metrics(a, &b, duration)),
@@ -524,6 +571,7 @@ impl Env {
         let cpu = |a: Option<Usage>, b: Option<Usage>| Some(usage::cpu_percent(a?, b?, duration));
         Measured {
             duration,
+            connections,
             deliveries: counters.deliveries - w.counters.deliveries,
             acked: counters.acked - w.counters.acked,
             rejected: counters.rejected - w.counters.rejected,
@@ -539,8 +587,8 @@ impl Env {
     }
 
     /// Stops publishing, waits for the last answers, then for every follower to receive every
-    /// event up to its branches' final heads. Followers that do not are incomplete streams
-    /// (errors).
+    /// event up to its branches' final heads. Followers that do not — including those whose
+    /// session ended short of a head — are incomplete streams (errors).
     async fn drain(&self) -> u64 {
         self.progress.phase("draining");
         self.set_signal(|s| s.publishing = false);
@@ -566,27 +614,19 @@ impl Env {
             .iter()
             .map(|h| h.load(Ordering::Acquire))
             .collect();
-        let behind = |f: &Follower| {
-            !f.probe.done.load(Ordering::Acquire)
-                && f.branches
-                    .iter()
-                    .enumerate()
-                    .any(|(i, &b)| f.probe.last(i) < heads[b])
-        };
         let timeout = Duration::from_secs_f64(self.p.drain_timeout_s);
-        self.wait_until(timeout, |env| !env.followers.iter().any(behind))
+        self.wait_until(timeout, |env| !still_draining(&env.followers, &heads))
             .await;
         let mut incomplete = 0;
-        for f in self.followers.iter().filter(|f| behind(f)) {
+        for (f, i, b) in incomplete_streams(&self.followers, &heads) {
             incomplete += 1;
-            let (i, b) = f
-                .branches
-                .iter()
-                .enumerate()
-                .find(|&(i, &b)| f.probe.last(i) < heads[b])
-                .map_or((0, 0), |(i, &b)| (i, b));
+            let ended = if f.probe.done.load(Ordering::Acquire) {
+                " (its session ended)"
+            } else {
+                ""
+            };
             self.stats.error(format!(
-                "incomplete stream on {}: received up to {} of {} within {timeout:?}",
+                "incomplete stream on {}: received up to {} of {} within {timeout:?}{ended}",
                 self.branch(b),
                 f.probe.last(i),
                 heads[b]
@@ -637,11 +677,11 @@ impl Env {
             passed,
             hub: hub_description,
             duration_s: m.duration.as_secs_f64(),
-            connections: outcome.connections,
+            connections: m.connections,
             deliveries: m.deliveries,
-            deliveries_per_s: m.deliveries as f64 / secs,
+            deliveries_per_s: outcome.deliveries.then(|| m.deliveries as f64 / secs),
             publishes_acked: m.acked,
-            publishes_acked_per_s: m.acked as f64 / secs,
+            publishes_acked_per_s: outcome.acks.then(|| m.acked as f64 / secs),
             publishes_rejected: m.rejected,
             latency_ms: outcome
                 .latency
@@ -740,5 +780,40 @@ impl Env {
             self.follower(plan, vec![b]);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn follower(branches: Vec<usize>, last: &[u64], done: bool) -> Follower {
+        let probe = Arc::new(Probe::new(branches.len()));
+        for (slot, &seq) in probe.last.iter().zip(last) {
+            slot.store(seq, Ordering::Release);
+        }
+        probe.done.store(done, Ordering::Release);
+        Follower { probe, branches }
+    }
+
+    #[test]
+    fn a_follower_whose_session_ended_short_of_a_head_is_incomplete() {
+        let heads = [5, 0, 7];
+        let followers = [
+            follower(vec![0, 2], &[5, 7], false),
+            follower(vec![0, 2], &[5, 6], true),
+            follower(vec![2], &[7], true),
+        ];
+        assert!(
+            !still_draining(&followers, &heads),
+            "nothing left to wait for: the one behind has ended"
+        );
+        let incomplete: Vec<(usize, usize)> = incomplete_streams(&followers, &heads)
+            .map(|(_, i, b)| (i, b))
+            .collect();
+        assert_eq!(incomplete, [(1, 2)], "but it still counts as incomplete");
+        let running = [follower(vec![0], &[4], false)];
+        assert!(still_draining(&running, &heads));
+        assert_eq!(incomplete_streams(&running, &heads).count(), 1);
     }
 }

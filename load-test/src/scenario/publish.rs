@@ -22,7 +22,7 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     Ok((
         Outcome {
             measured,
-            connections: (p.branches * p.publishers) as u64,
+            acks: true,
             ack_latency: true,
             ..Outcome::default()
         },

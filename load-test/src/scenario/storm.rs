@@ -21,6 +21,17 @@ use crate::report::StormDetail;
 use crate::stats::Percentiles;
 use crate::wire::Payload;
 
+/// How long the followers get to close their sockets after the drop signal.
+const DROP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Followers whose session is still open.
+fn still_connected(probes: &[Arc<Probe>]) -> usize {
+    probes
+        .iter()
+        .filter(|p| p.connected.load(Ordering::Acquire))
+        .count()
+}
+
 pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     let p = env.p.clone();
     env.spread_followers("sub", p.subscribers, true)?;
@@ -33,10 +44,18 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     let window = env.open_window(false).await;
     env.progress.phase("dropping followers");
     env.set_signal(|s| s.link = Link::Down);
-    env.wait_until(Duration::from_secs(10), |_| {
-        probes.iter().all(|p| !p.connected.load(Ordering::Acquire))
-    })
-    .await;
+    env.wait_until(DROP_TIMEOUT, |_| still_connected(&probes) == 0)
+        .await;
+    // Followers that never dropped would receive the missed events live, and the storm would
+    // measure nothing; the run fails, and the rest still runs so the report shows the effect.
+    let undropped = still_connected(&probes);
+    if undropped > 0 {
+        env.stats.error(format!(
+            "{undropped} of {} followers did not drop within {} s",
+            probes.len(),
+            DROP_TIMEOUT.as_secs()
+        ));
+    }
 
     env.progress
         .phase(format!("publishing {} per branch while away", p.behind));
@@ -96,7 +115,8 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     Ok((
         Outcome {
             measured,
-            connections: (p.subscribers + p.branches * p.publishers) as u64,
+            deliveries: true,
+            acks: true,
             storm: Some(storm),
             ..Outcome::default()
         },
@@ -130,4 +150,18 @@ async fn seed_all(env: &Env) -> anyhow::Result<()> {
         .collect()
         .await;
     results.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn followers_still_open_are_counted() {
+        let probes: Vec<Arc<Probe>> = (0..3).map(|_| Arc::new(Probe::new(1))).collect();
+        assert_eq!(still_connected(&probes), 0);
+        probes[0].connected.store(true, Ordering::Release);
+        probes[2].connected.store(true, Ordering::Release);
+        assert_eq!(still_connected(&probes), 2);
+    }
 }
