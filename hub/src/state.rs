@@ -299,7 +299,11 @@ impl BranchState {
         let client_wins = match policy {
             ConflictPolicy::ClientWins => true,
             ConflictPolicy::NewestWins => stale.client_is_newer(),
-            ConflictPolicy::Manual => return Ok(self.hold(stale, policy, contested)),
+            ConflictPolicy::Manual => {
+                let mut applied = Applied::default();
+                self.hold(&mut applied, stale, policy, contested);
+                return Ok(applied);
+            }
             ConflictPolicy::ServerWins | ConflictPolicy::Merge => false,
         };
         if !client_wins {
@@ -330,52 +334,60 @@ impl BranchState {
             .into_iter()
             .filter(|f| stale.current.is_some_and(|p| p.field_version(*f) > base))
             .collect();
+        // The fallback settles the contested fields only, whichever it is: under `manual` the
+        // uncontested ones are applied now like under any other fallback, and the admin is
+        // asked about exactly the fields in dispute.
+        let (keep_client, held) = match fallback {
+            _ if contested.is_empty() => (true, false),
+            ConflictPolicy::ClientWins => (true, false),
+            ConflictPolicy::NewestWins => (stale.client_is_newer(), false),
+            ConflictPolicy::Manual => (false, true),
+            ConflictPolicy::ServerWins | ConflictPolicy::Merge => (false, false),
+        };
         let mut merged = fields.clone();
-        if !contested.is_empty() {
-            let keep_client = match fallback {
-                ConflictPolicy::ClientWins => true,
-                ConflictPolicy::NewestWins => stale.client_is_newer(),
-                ConflictPolicy::Manual => {
-                    return Ok(self.hold(stale, ConflictPolicy::Merge, contested));
-                }
-                ConflictPolicy::ServerWins | ConflictPolicy::Merge => false,
-            };
-            if !keep_client {
-                for f in &contested {
-                    merged.clear(*f);
-                }
+        if !keep_client {
+            for f in &contested {
+                merged.clear(*f);
             }
         }
-        if merged.is_empty() {
+        if merged.is_empty() && !held {
             return Err(stale.refuse(ConflictPolicy::Merge, contested));
         }
-        let mut applied = self.write_product(
-            stale.sku,
-            stale.current,
-            Write::Fields(&merged),
-            stale.ctx.device,
-            stale.ctx.write_time_ms,
-        )?;
-        stale.record(
-            &mut applied,
-            ConflictPolicy::Merge,
-            ConflictOutcome::Merged,
-            contested,
-        );
+        let mut applied = if merged.is_empty() {
+            Applied::default()
+        } else {
+            self.write_product(
+                stale.sku,
+                stale.current,
+                Write::Fields(&merged),
+                stale.ctx.device,
+                stale.ctx.write_time_ms,
+            )?
+        };
+        if held {
+            self.hold(&mut applied, stale, ConflictPolicy::Merge, contested);
+        } else {
+            stale.record(
+                &mut applied,
+                ConflictPolicy::Merge,
+                ConflictOutcome::Merged,
+                contested,
+            );
+        }
         Ok(applied)
     }
 
-    /// `manual`: accept the event, change nothing, hold the conflict for an admin.
+    /// `manual`: accept the event and hold the conflict for an admin; the product keeps what
+    /// `applied` already did to it (nothing, unless `merge` applied uncontested fields).
     fn hold(
         &mut self,
+        applied: &mut Applied,
         stale: &Stale<'_>,
         policy: ConflictPolicy,
         contested: Vec<ProductField>,
-    ) -> Applied {
-        let mut applied = Applied::default();
-        let record = stale.record(&mut applied, policy, ConflictOutcome::Held, contested);
+    ) {
+        let record = stale.record(applied, policy, ConflictOutcome::Held, contested);
         self.open_conflicts.insert(record.id, record);
-        applied
     }
 
     /// Applies a write to the product as it is now (no version check).
@@ -465,10 +477,23 @@ impl BranchState {
                 Refused::new(ErrorCode::NotFound, format!("no open conflict {id}"))
             })?;
         let current = self.products.get(&record.sku).cloned();
+        let held;
         let mut applied = match resolution {
             Resolution::Server => Applied::default(),
             Resolution::Local => {
                 let write = match &record.client {
+                    EventBody::ProductUpserted(u) if record.policy == ConflictPolicy::Merge => {
+                        // `merge` applied the uncontested fields when it held the write; only
+                        // the contested ones are still waiting.
+                        let mut fields = u.fields.clone();
+                        for f in fields.present() {
+                            if !record.contested.contains(&f) {
+                                fields.clear(f);
+                            }
+                        }
+                        held = fields;
+                        Write::Fields(&held)
+                    }
                     EventBody::ProductUpserted(u) => Write::Fields(&u.fields),
                     EventBody::ProductRemoved(_) => Write::Remove,
                     _ => {
@@ -973,6 +998,64 @@ mod tests {
             .resolve(&note.id, Resolution::Server, None, &admin, 5, 11)
             .unwrap_err();
         assert_eq!(again.code, ErrorCode::NotFound);
+    }
+
+    #[test]
+    fn merge_with_a_manual_fallback_applies_uncontested_fields_and_holds_only_contested_ones() {
+        let p = Policies {
+            upserted: ConflictPolicy::Merge,
+            merge_fallback: ConflictPolicy::Manual,
+            ..POLICIES
+        };
+        let mut h = Harness::new();
+        h.upsert(0, create(), 0, p).unwrap(); // v1
+        h.upsert(1, price(300), 0, p).unwrap(); // v2: the server changed the price
+        let write = ProductFields {
+            price: Some(999),
+            category: Some("hot".into()),
+            ..Default::default()
+        };
+        let held = h.upsert(1, write, 0, p).unwrap(); // based on v1: price contested
+        let product = held
+            .effect
+            .product
+            .expect("the uncontested field is applied now");
+        assert_eq!(
+            (product.price, product.category.as_deref(), product.version),
+            (300, Some("hot"), 3)
+        );
+        let note = held.effect.conflict.unwrap();
+        assert_eq!(
+            (note.policy, note.outcome, note.contested),
+            (
+                ConflictPolicy::Merge,
+                ConflictOutcome::Held,
+                vec![ProductField::Price]
+            )
+        );
+        assert_eq!(h.state.open_conflicts(), 1);
+
+        // Meanwhile the category changes again; resolving `local` applies only the held price.
+        let cold = ProductFields {
+            category: Some("cold".into()),
+            ..Default::default()
+        };
+        h.upsert(3, cold, 0, p).unwrap();
+        let admin = name("admin");
+        let (applied, _) = h
+            .state
+            .resolve(&note.id, Resolution::Local, None, &admin, 5, 10)
+            .unwrap();
+        let product = applied.effect.product.unwrap();
+        assert_eq!(
+            (product.price, product.category.as_deref()),
+            (999, Some("cold"))
+        );
+
+        // Nothing uncontested: the product is unchanged while held.
+        let held = h.upsert(1, price(111), 0, p).unwrap();
+        assert!(held.effect.product.is_none());
+        assert_eq!(held.effect.conflict.unwrap().outcome, ConflictOutcome::Held);
     }
 
     #[test]

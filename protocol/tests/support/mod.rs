@@ -396,7 +396,7 @@ pub fn http_bodies() -> Vec<Encoded> {
                         stock: Some(StockLevel::new(sku("MILK-1L"), -1)),
                     },
                 ],
-                next_page_token: Some("AAAAAAAAAAEAAAAAAAAAAQ.Q09GRkVFLTI1MEc".into()),
+                next_page_token: Some("AAAAAAAAAAFDT0ZGRUUtMjUwRw".into()),
                 expires_at_ms: T0 + 600_000,
             },
         ),
@@ -462,7 +462,7 @@ pub fn http_bodies() -> Vec<Encoded> {
             &Problem {
                 status: 409,
                 code: ErrorCode::ResyncRequired,
-                message: "position 1000 is below the floor 1100".into(),
+                message: "position 900 is below the floor 1000; take a snapshot".into(),
                 resync: Some(resync()),
             },
         ),
