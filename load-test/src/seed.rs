@@ -1,7 +1,7 @@
-//! The HTTP side: putting events into a branch fast (batch push, 1,000 events a request, so a
-//! client can be made 100,000 events behind in a second or two without tripping the
-//! per-session publish rate), reading where a branch stands, and reading the hub's Prometheus
-//! metrics.
+//! The HTTP side: putting events into a branch fast (batch push, 1,000 events a request, from
+//! as many seeding devices as it takes to stay within each device's publish budget, so a
+//! client can be made 100,000 events behind in a second or two), reading where a branch
+//! stands, and reading the hub's Prometheus metrics.
 
 use anyhow::{Context, bail};
 use std::collections::HashMap;
@@ -17,6 +17,11 @@ use crate::wire::LOAD_TYPE;
 const BATCH_EVENTS: usize = 1_000;
 /// Most bytes of padding one push carries (the hub's default body limit is 4 MiB).
 const BATCH_PAD_BYTES: usize = 3 << 20;
+/// Events one seeding device pushes: half the hub's default publish burst (4,000 per
+/// device), so that seeding never waits for the device's budget to refill.
+const EVENTS_PER_DEVICE: u64 = 2_000;
+/// How long seeding keeps retrying pushes the hub refuses with 429.
+const RATE_LIMITED_FOR: Duration = Duration::from_secs(120);
 
 /// An HTTP client for the hub's sync API.
 #[derive(Clone)]
@@ -84,31 +89,37 @@ impl Http {
         Ok(parse_metrics(&text))
     }
 
-    /// Publishes `count` `custom` events of `pad_bytes` padding to `branch` as `device`,
-    /// whose `device_seq`s continue after `last_device_seq`. The events carry no stamp: their
-    /// latency is not measured. Every event must be accepted.
+    /// Publishes `count` `custom` events of `pad_bytes` padding to `branch`, from fresh
+    /// devices `{seeder}-{branch}-{n}` (a token for each from `token`), each publishing at
+    /// most [`EVENTS_PER_DEVICE`]. The events carry no stamp: their latency is not measured.
+    /// Every event must be accepted; a push refused with 429 is retried after `Retry-After`.
     pub async fn seed(
         &self,
-        token: &str,
+        token: impl Fn(&Name) -> anyhow::Result<String>,
         branch: &Name,
-        device_last_seq: (&Name, u64),
+        seeder: &str,
         count: u64,
         pad_bytes: usize,
     ) -> anyhow::Result<Seeded> {
-        let (device, mut device_seq) = device_last_seq;
         let data = serde_json::json!({ "seed": true, "pad": "x".repeat(pad_bytes) });
         let per_batch = (BATCH_PAD_BYTES / (pad_bytes + 200)).clamp(1, BATCH_EVENTS) as u64;
         let mut left = count;
         let mut seeded = None;
-        while left > 0 {
-            let n = left.min(per_batch);
-            let events: Vec<Publish> = (0..n)
-                .map(|_| {
-                    device_seq += 1;
-                    Publish {
+        for n in 0.. {
+            if left == 0 {
+                break;
+            }
+            let device =
+                Name::new(format!("{seeder}-{branch}-{n}")).context("a seeding device name")?;
+            let token = token(&device)?;
+            let mut device_seq = 0;
+            while left > 0 && device_seq < EVENTS_PER_DEVICE {
+                let n = left.min(per_batch).min(EVENTS_PER_DEVICE - device_seq);
+                let events: Vec<Publish> = (0..n)
+                    .map(|i| Publish {
                         branch: branch.clone(),
                         event_id: Uuid::now_v7(),
-                        device_seq,
+                        device_seq: device_seq + 1 + i,
                         client_time_ms: now_ms(),
                         base_seq: None,
                         base_version: None,
@@ -116,22 +127,23 @@ impl Http {
                             custom_type: LOAD_TYPE.into(),
                             data: data.clone(),
                         }),
+                    })
+                    .collect();
+                let response = self.push(&token, branch, events).await?;
+                let mut head = 0;
+                for result in &response.results {
+                    match result {
+                        PushResult::Accepted(a) if !a.duplicate => head = head.max(a.seq),
+                        other => bail!("seeding {branch} as {device}: {other:?}"),
                     }
-                })
-                .collect();
-            let response = self.push(token, branch, events).await?;
-            let mut head = 0;
-            for result in &response.results {
-                match result {
-                    PushResult::Accepted(a) if !a.duplicate => head = head.max(a.seq),
-                    other => bail!("seeding {branch} as {device}: {other:?}"),
                 }
+                seeded = Some(Seeded {
+                    epoch: response.epoch,
+                    head,
+                });
+                device_seq += n;
+                left -= n;
             }
-            seeded = Some(Seeded {
-                epoch: response.epoch,
-                head,
-            });
-            left -= n;
         }
         seeded.context("nothing to seed")
     }
@@ -146,18 +158,28 @@ impl Http {
             client_time_ms: now_ms(),
             events,
         })?;
-        let response = self
-            .client
-            .post(self.url(branch, "/events"))
-            .bearer_auth(token)
-            .header("content-type", Codec::MsgPack.content_type())
-            .header("accept", Codec::MsgPack.content_type())
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("POST events to {branch}"))?;
-        let status = response.status();
-        let bytes = response.bytes().await?;
+        let give_up = std::time::Instant::now() + RATE_LIMITED_FOR;
+        let (status, bytes) = loop {
+            let response = self
+                .client
+                .post(self.url(branch, "/events"))
+                .bearer_auth(token)
+                .header("content-type", Codec::MsgPack.content_type())
+                .header("accept", Codec::MsgPack.content_type())
+                .body(body.clone())
+                .send()
+                .await
+                .with_context(|| format!("POST events to {branch}"))?;
+            let status = response.status();
+            // A batch refused for the device's rate is refused whole: sending it again is safe.
+            if status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                && std::time::Instant::now() < give_up
+            {
+                tokio::time::sleep(retry_after(response.headers())).await;
+                continue;
+            }
+            break (status, response.bytes().await?);
+        };
         if !status.is_success() {
             bail!(
                 "POST events to {branch}: HTTP {status}: {}",
@@ -166,6 +188,17 @@ impl Http {
         }
         Ok(Codec::MsgPack.decode(&bytes)?)
     }
+}
+
+/// How long a 429 asks to wait (`Retry-After` in seconds; one second if it says nothing).
+fn retry_after(headers: &reqwest::header::HeaderMap) -> Duration {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::from_secs(1), |s| {
+            Duration::from_secs(s.clamp(1, 30))
+        })
 }
 
 fn parse_metrics(text: &str) -> HashMap<String, f64> {

@@ -14,12 +14,11 @@ use crate::clock;
 pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
     let p = env.p.clone();
     let branch = env.branch(0);
-    let seeder = env.device("seed", 0);
-    let token = env.cashier(&seeder, std::slice::from_ref(&branch))?;
     env.progress.phase(format!("seeding {} events", p.behind));
+    let token = |device: &_| env.cashier(device, std::slice::from_ref(&branch));
     let seeded = env
         .http
-        .seed(&token, &branch, (&seeder, 0), p.behind, p.payload_bytes)
+        .seed(token, &branch, "seed", p.behind, p.payload_bytes)
         .await
         .context("seeding the branch")?;
     env.heads[0].store(seeded.head, Ordering::Release);

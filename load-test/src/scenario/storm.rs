@@ -126,21 +126,14 @@ pub(super) async fn run(env: &mut Env) -> anyhow::Result<(Outcome, u64)> {
 
 /// Pushes `--behind` events to every branch, eight branches at a time.
 async fn seed_all(env: &Env) -> anyhow::Result<()> {
-    let seeder = env.device("seed", 0);
     let branches: Vec<_> = (0..env.p.branches).map(|b| env.branch(b)).collect();
-    let token = env.cashier(&seeder, &branches)?;
     let results: Vec<anyhow::Result<()>> = futures::stream::iter(branches.iter().enumerate())
         .map(|(b, branch)| {
-            let (http, token, seeder) = (&env.http, &token, &seeder);
+            let http = &env.http;
+            let token = move |device: &_| env.cashier(device, std::slice::from_ref(branch));
             async move {
                 let seeded = http
-                    .seed(
-                        token,
-                        branch,
-                        (seeder, 0),
-                        env.p.behind,
-                        env.p.payload_bytes,
-                    )
+                    .seed(token, branch, "seed", env.p.behind, env.p.payload_bytes)
                     .await?;
                 env.heads[b].fetch_max(seeded.head, Ordering::AcqRel);
                 Ok(())
