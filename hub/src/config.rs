@@ -37,9 +37,11 @@ pub struct Config {
     pub limits: Limits,
     /// How stale catalog writes are settled.
     pub conflicts: ConflictConfig,
-    /// How long a graceful shutdown waits for sessions and commits to finish before exiting
-    /// anyway. Default 10 s: enough for in-flight commits, short enough for an orchestrator's
-    /// kill timeout.
+    /// How long a graceful shutdown, from the stop signal to the end of the process, waits
+    /// for sessions and commits to finish. Past it the binary exits anyway, with status 1:
+    /// under `fsync = always` nothing acknowledged is lost; under `interval` up to one interval
+    /// may be, as in a crash. Default 10 s: enough for in-flight commits, short enough for an
+    /// orchestrator's kill timeout.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
 }
