@@ -889,6 +889,95 @@ impl EventLog for SledLog {
     }
 }
 
+/// Offline tools (`branchline-hub log …`) on a stopped hub's store: open it without waiting for
+/// its lock, look at a branch without creating its log, and reset an epoch.
+impl SledLog {
+    /// Opens the existing store in `dir` for an offline tool. Unlike [`SledLog::open`] it does
+    /// not wait for a held lock (a running hub holds it; sled's error says "could not acquire
+    /// lock") and does not create the replay log: a store without one is reported as such.
+    pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(None)
+            .open()?;
+        if !db.tree_names().iter().any(|name| name.as_ref() == b"log") {
+            return Err(StoreError::Corrupt {
+                key: dir.display().to_string(),
+                why: "this store has no replay log".into(),
+            });
+        }
+        let tree = db.open_tree("log")?;
+        Ok(Self { db, tree })
+    }
+
+    /// The `(epoch, head, floor)` of `branch`'s log, or `None` if it has none. Unlike
+    /// [`EventLog::open_branch`] this never creates a log: it only reads.
+    pub fn branch_position(
+        &self,
+        branch: &BranchKey,
+    ) -> Result<Option<(Epoch, u64, u64)>, StoreError> {
+        let Some(meta) = self.tree.get(key(META, branch, &[]))? else {
+            return Ok(None);
+        };
+        let epoch = Epoch(u64_at(&meta, 0, "meta")?);
+        let head = self.read_u64(&key(HEAD, branch, &[]), "head")?.unwrap_or(0);
+        let floor = self
+            .read_u64(&key(FLOOR, branch, &[]), "floor")?
+            .unwrap_or(0);
+        Ok(Some((epoch, head, floor)))
+    }
+
+    /// Gives `branch`'s log a new random epoch, as after a restore from a backup, and returns
+    /// `(old, new)`, or `None` if the branch has no log. Stored events carry their epoch, so
+    /// each is rewritten with the new one (replay sends stored bytes as they are); the new
+    /// epoch is written last and flushed. Interrupted, it leaves the old epoch in place with
+    /// some events rewritten: run it again before starting the hub.
+    pub fn reset_epoch(&self, branch: &BranchKey) -> Result<Option<(Epoch, Epoch)>, StoreError> {
+        let meta_key = key(META, branch, &[]);
+        let Some(meta) = self.tree.get(&meta_key)? else {
+            return Ok(None);
+        };
+        let old = Epoch(u64_at(&meta, 0, "meta")?);
+        let new = loop {
+            let epoch = Epoch(rand::random::<u64>());
+            if epoch != old {
+                break epoch;
+            }
+        };
+        let mut batch = sled::Batch::default();
+        let mut rounds = 0;
+        for kv in self.scan(EVENT, branch) {
+            let (k, v) = kv?;
+            let mut value = Vec::with_capacity(v.len());
+            for entry in entries(Bytes::from_owner(v)) {
+                let mut stored = entry?;
+                let what = format!("{branch} seq {}", stored.seq);
+                let mut event: branchline_protocol::Event = decode(&stored.bytes, &what)?;
+                event.epoch = new;
+                stored.bytes = Codec::MsgPack
+                    .encode(&event)
+                    .map_err(|e| StoreError::Corrupt {
+                        key: what,
+                        why: e.to_string(),
+                    })?;
+                push_entry(&mut value, &stored);
+            }
+            batch.insert(k, value);
+            rounds += 1;
+            if rounds % 10_000 == 0 {
+                self.tree.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.tree.apply_batch(batch)?;
+        let mut meta = meta.to_vec();
+        meta[..8].copy_from_slice(&new.0.to_be_bytes());
+        self.tree.insert(meta_key, meta)?;
+        self.db.flush()?;
+        Ok(Some((old, new)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

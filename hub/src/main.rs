@@ -6,11 +6,13 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use branchline_hub::auth::{Branches, Claims, TokenKeys};
 use branchline_hub::config::{Config, FsyncMode};
+use branchline_hub::inspect;
 use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::{ConflictPolicy, Name, Role};
 use clap::{Args, Parser, Subcommand};
@@ -38,7 +40,7 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Mint a token.
     Token(TokenArgs),
-    /// Inspect a (stopped) hub's store.
+    /// Inspect (or reset the epochs of) a stopped hub's store.
     Log {
         #[command(subcommand)]
         command: LogCommand,
@@ -281,6 +283,19 @@ enum LogCommand {
         #[arg(long, default_value_t = 100)]
         limit: usize,
     },
+    /// Give branch logs a new random epoch, after restoring the store from a backup: devices
+    /// resuming from the old epoch are told to resync. Stop the hub first.
+    ResetEpoch {
+        /// Store directory.
+        #[arg(long = "data", default_value = "./data")]
+        data_dir: PathBuf,
+        /// The branch (`tenant/branch`).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        branch: Option<String>,
+        /// Every branch of the store.
+        #[arg(long)]
+        all: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -309,11 +324,7 @@ fn main() -> anyhow::Result<()> {
             command: LogCommand::Inspect { data_dir, branch },
         } => {
             let only = branch.as_deref().map(BranchKey::parse).transpose()?;
-            branchline_hub::inspect::inspect(
-                &data_dir,
-                only.as_ref(),
-                &mut std::io::stdout().lock(),
-            )?;
+            inspect::inspect(&data_dir, only.as_ref(), &mut std::io::stdout().lock())?;
             Ok(())
         }
         Command::Log {
@@ -326,13 +337,37 @@ fn main() -> anyhow::Result<()> {
                 },
         } => {
             let branch = BranchKey::parse(&branch)?;
-            branchline_hub::inspect::dump(
+            inspect::dump(
                 &data_dir,
                 &branch,
                 after,
                 limit,
                 &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
             )?;
+            Ok(())
+        }
+        Command::Log {
+            command:
+                LogCommand::ResetEpoch {
+                    data_dir,
+                    branch,
+                    all: _,
+                },
+        } => {
+            // clap requires exactly one of --branch and --all.
+            let which = match branch {
+                Some(branch) => inspect::Branches::One(BranchKey::parse(&branch)?),
+                None => inspect::Branches::All,
+            };
+            let resets = inspect::reset_epoch(&data_dir, &which, &mut std::io::stdout().lock())?;
+            if resets.is_empty() {
+                println!("no branch logs in {}", data_dir.display());
+            } else {
+                println!(
+                    "devices resuming from an old epoch will be told resync_required; start the hub"
+                );
+            }
             Ok(())
         }
     }
@@ -344,6 +379,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let mut config = args.config()?;
+    // Before anything opens: a bad setting is refused with its name, not met as a panic later.
+    config.validate()?;
     if args.print_config {
         print!("{}", toml::to_string(&config)?);
         return Ok(());
@@ -351,26 +388,58 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     if args.dev && config.token_secret.is_none() {
         config.token_secret = Some(format!("{:032x}", rand::random::<u128>()));
     }
+    let grace = config.shutdown_grace;
+    // When the stop signal came: the whole shutdown, runtime included, fits in the grace.
+    let stopping: Arc<OnceLock<Instant>> = Arc::default();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("binding {}", config.listen))?;
-        let addr = listener.local_addr()?;
-        if args.dev {
-            print_dev_tokens(&config, addr)?;
+    let result = runtime.block_on({
+        let stopping = stopping.clone();
+        async move {
+            let listener = tokio::net::TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("binding {}", config.listen))?;
+            let addr = listener.local_addr()?;
+            if args.dev {
+                print_dev_tokens(&config, addr)?;
+            }
+            println!(
+                "branchline-hub listening on http://{addr} (store {}, fsync {})",
+                config.data_dir.display(),
+                config.fsync
+            );
+            let signalled = Arc::new(tokio::sync::Notify::new());
+            let signal = {
+                let (signalled, stopping) = (signalled.clone(), stopping.clone());
+                async move {
+                    shutdown_signal().await;
+                    let _ = stopping.set(Instant::now());
+                    signalled.notify_one();
+                }
+            };
+            tokio::select! {
+                served = branchline_hub::run(listener, config, signal) => served?,
+                () = async {
+                    signalled.notified().await;
+                    tokio::time::sleep(grace).await;
+                } => bail!(
+                    "shutdown took longer than the grace of {}: exiting with sessions or commits \
+                     unfinished",
+                    humantime::format_duration(grace)
+                ),
+            }
+            println!("branchline-hub stopped");
+            Ok(())
         }
-        println!(
-            "branchline-hub listening on http://{addr} (store {}, fsync {})",
-            config.data_dir.display(),
-            config.fsync
-        );
-        branchline_hub::run(listener, config, shutdown_signal()).await?;
-        println!("branchline-hub stopped");
-        Ok(())
-    })
+    });
+    // Dropping the runtime would wait for every blocking task, however stuck (a committer join
+    // that already timed out, say); give them only what is left of the grace.
+    let left = stopping.get().map_or(grace, |at| {
+        (*at + grace).saturating_duration_since(Instant::now())
+    });
+    runtime.shutdown_timeout(left);
+    result
 }
 
 fn print_dev_tokens(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {

@@ -1,7 +1,8 @@
 //! Crash safety (guarantee 6): `kill -9` the real hub binary at random moments while clients
 //! publish as fast as they are acknowledged; after every restart on the same store, each
 //! acknowledged event is there exactly once, seqs are gap-free, the epoch is unchanged and
-//! dedup still recognises events from before the crash.
+//! dedup still recognises events from before the crash. Each kill's count of publishes in
+//! flight (sent, never answered) shows that the kills landed inside the crash window.
 
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -10,7 +11,8 @@ mod support;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use branchline_hub::auth::{Branches, Claims, TokenKeys};
 use branchline_hub::protocol::http::EventsPage;
@@ -74,12 +76,25 @@ fn token(branch: &str, device: &str, role: Role) -> String {
     TokenKeys::new(SECRET.as_bytes()).mint(&claims).unwrap()
 }
 
+/// When each kill was ordered, in order: a publish sent before its kill and never answered
+/// was in flight when the hub died.
+type Kills = Arc<Mutex<Vec<Instant>>>;
+
 #[derive(Default)]
 struct DeviceLog {
     acked: Vec<(uuid::Uuid, u64)>,
     published: HashSet<uuid::Uuid>,
     epochs: HashSet<Epoch>,
     first: Option<Publish>,
+    /// For each connection the hub's death ended: the kill, and the publishes sent before it
+    /// that were never answered.
+    in_flight_at_kill: Vec<(usize, usize)>,
+}
+
+/// A publish waiting for its answer, and when it was sent on the current connection.
+struct Pending {
+    publish: Publish,
+    sent_at: Option<Instant>,
 }
 
 /// A device that publishes `target` events, reconnecting to wherever the hub is and resending
@@ -89,10 +104,11 @@ async fn device(
     device: String,
     mut addr: watch::Receiver<String>,
     target: u64,
+    kills: Kills,
 ) -> DeviceLog {
     let token = token(&branch, &device, Role::Cashier);
     let mut log = DeviceLog::default();
-    let mut pending: VecDeque<Publish> = VecDeque::new();
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     let mut next_ds = 1;
     while (log.acked.len() as u64) < target {
         let url = format!("ws://{}/v1/ws", addr.borrow_and_update().clone());
@@ -133,20 +149,24 @@ async fn device(
             continue;
         }
         // Resend everything unacknowledged, in order.
-        let mut sent = 0;
         let mut alive = true;
         for p in &pending {
             if sink
-                .feed(encode(&ClientFrame::Publish(p.clone())))
+                .feed(encode(&ClientFrame::Publish(p.publish.clone())))
                 .await
                 .is_err()
             {
                 alive = false;
                 break;
             }
-            sent += 1;
         }
         alive = alive && sink.flush().await.is_ok();
+        if alive {
+            let now = Instant::now();
+            for p in &mut pending {
+                p.sent_at = Some(now);
+            }
+        }
         while alive && (log.acked.len() as u64) < target {
             let room = pending.len() < WINDOW && next_ds <= target;
             tokio::select! {
@@ -159,7 +179,7 @@ async fn device(
                         ServerFrame::Welcome(w) => { log.epochs.insert(w.branches[0].epoch); }
                         ServerFrame::Accepted(a) => {
                             let front = pending.pop_front().expect("an answer for a sent event");
-                            assert_eq!(a.event_id, front.event_id, "answers come in publish order");
+                            assert_eq!(a.event_id, front.publish.event_id, "answers come in publish order");
                             log.epochs.insert(a.epoch);
                             log.acked.push((a.event_id, a.seq));
                         }
@@ -171,16 +191,34 @@ async fn device(
                     let p = publish(&branch, next_ds, sale_of("TEA", 1));
                     log.published.insert(p.event_id);
                     if log.first.is_none() { log.first = Some(p.clone()); }
-                    pending.push_back(p.clone());
+                    pending.push_back(Pending { publish: p.clone(), sent_at: None });
                     next_ds += 1;
                     sink.send(encode(&ClientFrame::Publish(p))).await.is_ok()
                 }, if room => {
                     if !sent_ok { break; }
-                    sent += 1;
+                    if let Some(p) = pending.back_mut() {
+                        p.sent_at = Some(Instant::now());
+                    }
                 }
             }
         }
-        let _ = sent;
+        if (log.acked.len() as u64) < target {
+            // The connection died: if a kill ended it, count what it cut off in flight.
+            let last_kill = {
+                let kills = kills.lock().unwrap();
+                kills.last().map(|at| (kills.len() - 1, *at))
+            };
+            if let Some((kill, at)) = last_kill {
+                let cut = pending
+                    .iter()
+                    .filter(|p| p.sent_at.is_some_and(|sent| sent < at))
+                    .count();
+                log.in_flight_at_kill.push((kill, cut));
+            }
+        }
+        for p in &mut pending {
+            p.sent_at = None;
+        }
     }
     log
 }
@@ -192,6 +230,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     let data = dir.path().join("data");
     let (mut hub, addr) = spawn_hub(&data).await;
     let (addr_tx, addr_rx) = watch::channel(addr);
+    let kills = Kills::default();
     let devices = [
         ("b1", "till-1"),
         ("b1", "till-2"),
@@ -206,6 +245,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
                 d.to_string(),
                 addr_rx.clone(),
                 TARGET,
+                kills.clone(),
             ))
         })
         .collect();
@@ -213,6 +253,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
+        kills.lock().unwrap().push(Instant::now());
         hub.kill().await.unwrap(); // SIGKILL: no shutdown, no final flush
         let (next, addr) = spawn_hub(&data).await;
         eprintln!("round {round}: killed and restarted on {addr}");
@@ -223,6 +264,15 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     for task in tasks {
         logs.push(task.await.unwrap());
     }
+    let mut in_flight = [0usize; 4];
+    for (kill, cut) in logs.iter().flat_map(|l| &l.in_flight_at_kill) {
+        in_flight[*kill] += cut;
+    }
+    eprintln!("publishes in flight at each kill: {in_flight:?}");
+    assert!(
+        in_flight.iter().any(|&n| n > 0),
+        "no kill landed while publishes were in flight, so the crash window was never hit"
+    );
 
     let addr = addr_tx.borrow().clone();
     let admin = token("*", "console", Role::Admin);

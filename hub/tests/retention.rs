@@ -1,17 +1,28 @@
-//! Retention: trimming by count and by age moves the floor, readers below it must resync, and
-//! dedup outlives trimmed events for its window.
+//! Retention: trimming by count and by age moves the floor and deletes the events below it
+//! from the store, readers below the floor must resync, and dedup outlives trimmed events for
+//! its window. The hub's own background pass does it, on the real binary.
 
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
-use branchline_hub::protocol::http::{EventsPage, Problem, PushResult};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::log::BranchKey;
+use branchline_hub::protocol::http::{BranchStatus, EventsPage, Problem, PushResult};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
 use support::*;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 
 const DAY_MS: i64 = 24 * 3_600_000;
+const BIN: &str = env!("CARGO_BIN_EXE_branchline-hub");
+const SECRET: &str = "retention-test-secret-0123456789abcdef";
 
 async fn push_notes(api: &Api, from: u64, to: u64) -> Vec<Publish> {
     let events: Vec<Publish> = (from..=to).map(|i| publish("b1", i, note(i))).collect();
@@ -20,6 +31,19 @@ async fn push_notes(api: &Api, from: u64, to: u64) -> Vec<Publish> {
         assert!(results.iter().all(|r| matches!(r, PushResult::Accepted(_))));
     }
     events
+}
+
+/// Publishes notes `from..=to` one at a time, each after the previous one's answer, so that
+/// every event is a writer round (a stored value) of its own and trimming can delete them one
+/// by one.
+async fn publish_one_by_one(till: &mut Ws, from: u64, to: u64) -> Vec<Publish> {
+    let mut sent = Vec::new();
+    for i in from..=to {
+        let p = publish("b1", i, note(i));
+        assert_eq!(till.publish(p.clone()).await.unwrap().seq, i);
+        sent.push(p);
+    }
+    sent
 }
 
 async fn page(api: &Api, epoch: Option<Epoch>, after: u64) -> reqwest::Response {
@@ -32,12 +56,42 @@ async fn page(api: &Api, epoch: Option<Epoch>, after: u64) -> reqwest::Response 
     .unwrap()
 }
 
+fn b1() -> BranchKey {
+    BranchKey::new(name("acme"), name("b1"))
+}
+
+/// The seqs of the events the store still holds for acme/b1, whatever the floor says.
+fn stored_seqs(hub: &TestHub) -> Vec<u64> {
+    hub.hub()
+        .log
+        .read_events(&b1(), 0, 10_000, 10_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn trimming_by_count_moves_the_floor_and_dedup_outlives_the_events() {
+async fn trimming_by_count_deletes_old_events_and_dedup_outlives_them() {
     let hub = TestHub::start_with(|c| c.retention.max_events = 50).await;
     let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
-    let published = push_notes(&api, 1, 120).await;
+    let mut till = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-1",
+        Role::Cashier,
+        vec![],
+    )
+    .await;
+    let published = publish_one_by_one(&mut till, 1, 120).await;
+    assert_eq!(stored_seqs(&hub), (1..=120).collect::<Vec<_>>());
     hub.run_retention().await;
+    assert_eq!(
+        stored_seqs(&hub),
+        (71..=120).collect::<Vec<_>>(),
+        "the 70 oldest events are gone from the store, not only hidden by the floor"
+    );
 
     let refused = page(&api, None, 0).await;
     assert_eq!(refused.status(), 409);
@@ -56,12 +110,20 @@ async fn trimming_by_count_moves_the_floor_and_dedup_outlives_the_events() {
     assert_contiguous(&kept.events, 71, 120);
     assert_eq!(kept.floor, 70);
 
-    // A retry of a trimmed event is still recognised within the dedup window…
+    // A retry of a trimmed event is still recognised within the dedup window, over either
+    // interface and after a restart…
     let old = published[9].clone();
     match &api.push("acme", "b1", vec![old.clone()]).await.results[0] {
         PushResult::Accepted(a) => assert_eq!((a.seq, a.duplicate), (10, true)),
         other => panic!("{other:?}"),
     }
+    drop(till);
+    let hub = hub.restart().await;
+    let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
+    let mut till = session(&hub, Codec::Json, &["b1"], "till-1", Role::Cashier, vec![]).await;
+    let again = till.publish(old.clone()).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (10, true));
+    assert_eq!(stored_seqs(&hub).len(), 50, "a duplicate stores nothing");
     // …and after the window, device_seq still refuses to apply it twice.
     hub.run_retention_at(now_ms() + 8 * DAY_MS).await;
     match &api.push("acme", "b1", vec![old]).await.results[0] {
@@ -75,7 +137,7 @@ async fn trimming_by_count_moves_the_floor_and_dedup_outlives_the_events() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
-    let max_age = std::time::Duration::from_secs(3_600);
+    let max_age = Duration::from_secs(3_600);
     let hub = TestHub::start_with(|c| c.retention.max_age = max_age).await;
     let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
     push_notes(&api, 1, 10).await;
@@ -90,7 +152,7 @@ async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
     // An hour after the cutoff, everything sequenced before it is too old.
     hub.run_retention_at(cutoff + max_age.as_millis() as i64)
         .await;
-    let status: http::BranchStatus = api
+    let status: BranchStatus = api
         .get("/v1/branches/acme/b1")
         .send()
         .await
@@ -99,6 +161,8 @@ async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
         .await
         .unwrap();
     assert_eq!((status.floor, status.head), (10, 15));
+    // The first push was written as rounds ending at or before seq 10: all of them go.
+    assert_eq!(stored_seqs(&hub), (11..=15).collect::<Vec<_>>());
     let kept: EventsPage = page(&api, Some(first.epoch), 10)
         .await
         .json()
@@ -106,4 +170,163 @@ async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
         .unwrap();
     assert_contiguous(&kept.events, 11, 15);
     assert_eq!(page(&api, Some(first.epoch), 9).await.status(), 409);
+}
+
+/// Starts the hub binary on `data`; returns it and its address. Its stdout stays piped (and
+/// open) for its life.
+async fn spawn_hub(data: &Path, args: &[&str]) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
+        .args(["--token-secret", SECRET, "--data"])
+        .arg(data)
+        .args(args)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let addr = tokio::time::timeout(WAIT, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("branchline-hub listening on http://") {
+                return rest.split_whitespace().next().unwrap().to_string();
+            }
+        }
+        panic!("the hub exited before listening");
+    })
+    .await
+    .unwrap();
+    // Drain the rest of its output, so that its last line finds a reader.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, addr)
+}
+
+fn token(device: &str, role: Role) -> String {
+    let branches = match role {
+        Role::Admin => Branches::All,
+        Role::Cashier => Branches::List(vec![name("b1")]),
+    };
+    let claims = Claims::new(
+        name("acme"),
+        branches,
+        name(device),
+        role,
+        Duration::from_secs(3_600),
+    );
+    TokenKeys::new(SECRET.as_bytes()).mint(&claims).unwrap()
+}
+
+async fn tool(args: &[&str], data: &Path) -> std::process::Output {
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(BIN)
+            .args(args)
+            .arg("--data")
+            .arg(data)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_background_pass_trims_the_store_and_the_log_tools_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut hub, addr) = spawn_hub(
+        &data,
+        &[
+            "--retention-max-events",
+            "50",
+            "--retention-interval",
+            "50ms",
+        ],
+    )
+    .await;
+    let mut till = connect_url(&format!("ws://{addr}/v1/ws"), Codec::MsgPack).await;
+    till.hello(&token("till-1", Role::Cashier), "acme", "till-1", vec![])
+        .await;
+    let published = publish_one_by_one(&mut till, 1, 120).await;
+
+    // No one calls for a pass: the hub's own retention tick moves the floor.
+    let client = reqwest::Client::new();
+    let admin = token("console", Role::Admin);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status: BranchStatus = client
+            .get(format!("http://{addr}/v1/branches/acme/b1"))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status.floor == 70 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the background pass never trimmed to 70: floor {}",
+            status.floor
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A retry of a trimmed event is still a duplicate.
+    let again = till.publish(published[0].clone()).await.unwrap();
+    assert_eq!((again.seq, again.duplicate), (1, true));
+    drop(till);
+    let pid = hub.id().unwrap().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .await
+            .unwrap()
+            .success()
+    );
+    let status = tokio::time::timeout(WAIT, hub.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+
+    let table = String::from_utf8(tool(&["log", "inspect"], &data).await.stdout).unwrap();
+    let row: Vec<&str> = table
+        .lines()
+        .find(|l| l.starts_with("acme/b1"))
+        .unwrap_or_else(|| panic!("{table}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        (row[2], row[3], row[4]),
+        ("120", "70", "50"),
+        "head, floor and the events the store still holds:\n{table}"
+    );
+
+    let out = tool(
+        &[
+            "log", "dump", "--branch", "acme/b1", "--after", "0", "--limit", "3",
+        ],
+        &data,
+    )
+    .await;
+    let notes = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        notes.contains("events up to seq 70 were trimmed by retention (floor 70)"),
+        "{notes}"
+    );
+    let seqs: Vec<u64> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Event>(l).unwrap().seq)
+        .collect();
+    assert_eq!(seqs, [71, 72, 73]);
 }

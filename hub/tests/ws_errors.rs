@@ -1,17 +1,24 @@
 //! Bad input over WebSocket gets the documented error and close codes (PROTOCOL.md §12, §13),
-//! and the hub keeps serving everyone else.
+//! publishes past the rate limit are refused (§14), and the hub keeps serving everyone else.
 
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
 mod support;
 
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use branchline_hub::auth::{Branches, Claims};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
+use futures::{SinkExt, StreamExt};
 use support::*;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -221,8 +228,137 @@ async fn silence_is_closed_by_deadlines() {
     let mut mute = connect(&hub, Codec::MsgPack).await;
     expect_close(&mut mute, ErrorCode::BadHello, 4000).await;
 
-    // This client says hello, then neither reads (so it never answers pings) nor writes.
-    let mut idle = session(
+    // This client says hello, then goes silent: it reads on, but nothing it writes (its
+    // answers to the hub's pings included) reaches the hub any more.
+    let (mut idle, mute) = muted_session(&hub, "till-1").await;
+    mute.store(true, Ordering::Release);
+    let (error, code) = closed(&mut idle).await;
+    let error = error.expect("an error frame before the close");
+    assert_eq!(
+        (error.code, error.fatal, code),
+        (ErrorCode::IdleTimeout, true, Some(4005))
+    );
+    still_serves(&hub, 1).await;
+}
+
+/// A client socket whose writes can be silenced: once muted, whatever it writes (pongs
+/// included) is dropped, like the packets of a till that vanished without closing.
+struct Mutable {
+    inner: tokio::net::TcpStream,
+    muted: Arc<AtomicBool>,
+}
+
+impl AsyncRead for Mutable {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Mutable {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.muted.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.muted.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// A session of `device` on a [`Mutable`] socket, welcomed; returns it and its mute switch.
+async fn muted_session(hub: &TestHub, device: &str) -> (WebSocketStream<Mutable>, Arc<AtomicBool>) {
+    let muted = Arc::new(AtomicBool::new(false));
+    let inner = tokio::net::TcpStream::connect(hub.addr()).await.unwrap();
+    let mut req = hub.ws_url().into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        Codec::MsgPack.subprotocol().parse().unwrap(),
+    );
+    let stream = Mutable {
+        inner,
+        muted: muted.clone(),
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(req, stream).await.unwrap();
+    let token = hub.token("acme", &["b1"], device, Role::Cashier);
+    let frame = Codec::MsgPack
+        .encode(&hello(&token, PROTOCOL_VERSION))
+        .unwrap();
+    ws.send(Message::Binary(frame)).await.unwrap();
+    match next_frame(&mut ws).await {
+        Some(ServerFrame::Welcome(_)) => {}
+        other => panic!("expected welcome, got {other:?}"),
+    }
+    (ws, muted)
+}
+
+/// The next hub frame, or `None` once the session is closed.
+async fn next_frame(ws: &mut WebSocketStream<Mutable>) -> Option<ServerFrame> {
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time");
+        match msg {
+            Some(Ok(Message::Binary(bytes))) => {
+                return Some(Codec::MsgPack.decode_server_frame(&bytes).unwrap());
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+/// Reads until the hub closes; returns its last error frame and the close code.
+async fn closed(ws: &mut WebSocketStream<Mutable>) -> (Option<ErrorFrame>, Option<u16>) {
+    let mut error = None;
+    loop {
+        let msg = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("the close in time");
+        match msg {
+            Some(Ok(Message::Binary(bytes))) => {
+                if let ServerFrame::Error(e) = Codec::MsgPack.decode_server_frame(&bytes).unwrap() {
+                    error = Some(e);
+                }
+            }
+            Some(Ok(Message::Close(frame))) => return (error, frame.map(|f| u16::from(f.code))),
+            Some(Err(_)) | None => return (error, None),
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_past_the_rate_are_rejected_rate_limited_and_change_nothing() {
+    let hub = TestHub::start_with(|c| {
+        c.limits.publish_rate = 1;
+        c.limits.publish_burst = 3;
+    })
+    .await;
+    let live = vec![Subscription {
+        branch: name("b1"),
+        from: None,
+    }];
+    let mut follower = session(&hub, Codec::MsgPack, &["b1"], "till-2", Role::Cashier, live).await;
+    let mut till = session(
         &hub,
         Codec::MsgPack,
         &["b1"],
@@ -231,8 +367,89 @@ async fn silence_is_closed_by_deadlines() {
         vec![],
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    expect_close(&mut idle, ErrorCode::IdleTimeout, 4005).await;
+
+    // Ten publishes at once: the burst is three, and one more is allowed per second.
+    let sent: Vec<Publish> = (1..=10).map(|i| publish("b1", i, note(i))).collect();
+    for p in &sent {
+        till.send(&ClientFrame::Publish(p.clone())).await;
+    }
+    let mut answers = Vec::new();
+    while answers.len() < sent.len() {
+        answers.push(
+            till.until(|f| match f {
+                ServerFrame::Accepted(a) => Some(Ok(a.clone())),
+                ServerFrame::Rejected(r) => Some(Err(r.clone())),
+                _ => None,
+            })
+            .await,
+        );
+    }
+    for (p, answer) in sent.iter().zip(&answers) {
+        let id = match answer {
+            Ok(a) => a.event_id,
+            Err(r) => r.event_id.unwrap(),
+        };
+        assert_eq!(id, p.event_id, "answers come in publish order");
+    }
+    let accepted = answers.iter().take_while(|a| a.is_ok()).count();
+    assert!(accepted >= 3, "the burst is served: {answers:?}");
+    for (i, answer) in answers[..accepted].iter().enumerate() {
+        assert_eq!(answer.as_ref().unwrap().seq, i as u64 + 1);
+    }
+    let limited = answers[accepted].as_ref().unwrap_err();
+    assert_eq!(
+        (limited.code, limited.expected_device_seq),
+        (ErrorCode::RateLimited, None)
+    );
+    // A token may come back during the flood; a publish after the limited one then skips its
+    // device_seq and is refused for that. Nothing after the limited one is applied.
+    for answer in &answers[accepted..] {
+        let r = answer.as_ref().unwrap_err();
+        assert!(
+            r.code == ErrorCode::RateLimited
+                || (r.code == ErrorCode::OutOfOrder
+                    && r.expected_device_seq == Some(accepted as u64 + 1)),
+            "{r:?}"
+        );
+    }
+
+    // Others publish as before, and the log holds exactly what was accepted.
+    let mut other = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-3",
+        Role::Cashier,
+        vec![],
+    )
+    .await;
+    let theirs = other.publish(publish("b1", 1, note(100))).await.unwrap();
+    assert_eq!(theirs.seq, accepted as u64 + 1);
+    // The limited session goes on: once the rate allows, its refused event is accepted.
+    let retry = sent[accepted].clone();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let again = loop {
+        match till.publish(retry.clone()).await {
+            Ok(a) => break a,
+            Err(r) if r.code == ErrorCode::RateLimited => {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the rate never allowed a publish"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(r) => panic!("{r:?}"),
+        }
+    };
+    assert_eq!((again.seq, again.duplicate), (accepted as u64 + 2, false));
+    let seen = follower.events_through("b1", again.seq).await;
+    assert_contiguous(&seen, 1, again.seq);
+    let mut ids: Vec<uuid::Uuid> = answers[..accepted]
+        .iter()
+        .map(|a| a.as_ref().unwrap().event_id)
+        .collect();
+    ids.extend([theirs.event_id, again.event_id]);
+    assert_eq!(seen.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

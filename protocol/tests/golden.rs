@@ -9,10 +9,11 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use branchline_protocol::Codec;
-use support::{Encoded, client_frames, http_bodies, server_frames};
+use branchline_protocol::{ClientFrame, Codec, EventKind, ServerFrame};
+use support::{Encoded, client_frames, event_samples, http_bodies, publish_samples, server_frames};
 
 fn golden_path(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -73,59 +74,111 @@ fn assert_all(failures: &[String]) {
     );
 }
 
-#[test]
-fn client_frames_match_their_golden_encodings() {
+/// Checks client frames against their golden files, and that the stored bytes decode to
+/// them in both codecs.
+fn check_client_frames(samples: Vec<(String, ClientFrame)>) {
     let mut failures = Vec::new();
-    for (ty, frame) in client_frames() {
+    for (name, frame) in samples {
         let json = Codec::Json.encode(&frame).unwrap();
         let msgpack = Codec::MsgPack.encode(&frame).unwrap();
-        failures.extend(check(&format!("client_{ty}"), &json, &msgpack));
-        // The stored bytes must also decode to the sample, in both codecs.
-        let stored = unhex(
-            &std::fs::read_to_string(golden_path(&format!("client_{ty}.msgpack.hex"))).unwrap(),
-        );
+        failures.extend(check(&name, &json, &msgpack));
+        let stored =
+            unhex(&std::fs::read_to_string(golden_path(&format!("{name}.msgpack.hex"))).unwrap());
         assert_eq!(
             Codec::MsgPack.decode_client_frame(&stored).unwrap(),
             frame,
-            "{ty}"
+            "{name}"
         );
-        let stored = std::fs::read(golden_path(&format!("client_{ty}.json"))).unwrap();
+        let stored = std::fs::read(golden_path(&format!("{name}.json"))).unwrap();
         assert_eq!(
             Codec::Json
                 .decode_client_frame(stored.trim_ascii_end())
                 .unwrap(),
             frame,
-            "{ty}"
+            "{name}"
+        );
+    }
+    assert_all(&failures);
+}
+
+/// As [`check_client_frames`], for hub frames.
+fn check_server_frames(samples: Vec<(String, ServerFrame)>) {
+    let mut failures = Vec::new();
+    for (name, frame) in samples {
+        let json = Codec::Json.encode(&frame).unwrap();
+        let msgpack = Codec::MsgPack.encode(&frame).unwrap();
+        failures.extend(check(&name, &json, &msgpack));
+        let stored =
+            unhex(&std::fs::read_to_string(golden_path(&format!("{name}.msgpack.hex"))).unwrap());
+        assert_eq!(
+            Codec::MsgPack.decode_server_frame(&stored).unwrap(),
+            frame,
+            "{name}"
+        );
+        let stored = std::fs::read(golden_path(&format!("{name}.json"))).unwrap();
+        assert_eq!(
+            Codec::Json
+                .decode_server_frame(stored.trim_ascii_end())
+                .unwrap(),
+            frame,
+            "{name}"
         );
     }
     assert_all(&failures);
 }
 
 #[test]
+fn client_frames_match_their_golden_encodings() {
+    check_client_frames(
+        client_frames()
+            .into_iter()
+            .map(|(ty, f)| (format!("client_{ty}"), f))
+            .collect(),
+    );
+}
+
+#[test]
 fn server_frames_match_their_golden_encodings() {
-    let mut failures = Vec::new();
-    for (ty, frame) in server_frames() {
-        let json = Codec::Json.encode(&frame).unwrap();
-        let msgpack = Codec::MsgPack.encode(&frame).unwrap();
-        failures.extend(check(&format!("server_{ty}"), &json, &msgpack));
-        let stored = unhex(
-            &std::fs::read_to_string(golden_path(&format!("server_{ty}.msgpack.hex"))).unwrap(),
-        );
-        assert_eq!(
-            Codec::MsgPack.decode_server_frame(&stored).unwrap(),
-            frame,
-            "{ty}"
-        );
-        let stored = std::fs::read(golden_path(&format!("server_{ty}.json"))).unwrap();
-        assert_eq!(
-            Codec::Json
-                .decode_server_frame(stored.trim_ascii_end())
-                .unwrap(),
-            frame,
-            "{ty}"
-        );
+    check_server_frames(
+        server_frames()
+            .into_iter()
+            .map(|(ty, f)| (format!("server_{ty}"), f))
+            .collect(),
+    );
+}
+
+#[test]
+fn event_kinds_match_their_golden_encodings() {
+    check_client_frames(
+        publish_samples()
+            .into_iter()
+            .map(|(name, f)| (name.to_string(), f))
+            .collect(),
+    );
+    check_server_frames(
+        event_samples()
+            .into_iter()
+            .map(|(name, f)| (name.to_string(), f))
+            .collect(),
+    );
+}
+
+#[test]
+fn every_event_kind_has_a_golden_sample() {
+    let mut kinds = BTreeSet::new();
+    let publishes = client_frames().into_iter().chain(publish_samples());
+    for (_, frame) in publishes {
+        if let ClientFrame::Publish(p) = frame {
+            kinds.insert(p.body.kind().as_str());
+        }
     }
-    assert_all(&failures);
+    for (_, frame) in server_frames().into_iter().chain(event_samples()) {
+        if let ServerFrame::Event(e) = frame {
+            kinds.insert(e.body.kind().as_str());
+        }
+    }
+    let all: BTreeSet<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+    assert_eq!(kinds, all);
 }
 
 #[test]
@@ -147,7 +200,7 @@ fn every_frame_type_has_a_sample() {
             *t
         })
         .collect();
-    assert_eq!(client, branchline_protocol::ClientFrame::TYPES);
+    assert_eq!(client, ClientFrame::TYPES);
     let server: Vec<&str> = server_frames()
         .iter()
         .map(|(t, f)| {
@@ -155,5 +208,5 @@ fn every_frame_type_has_a_sample() {
             *t
         })
         .collect();
-    assert_eq!(server, branchline_protocol::ServerFrame::TYPES);
+    assert_eq!(server, ServerFrame::TYPES);
 }

@@ -323,6 +323,171 @@ pub fn server_frames() -> Vec<(&'static str, ServerFrame)> {
     ]
 }
 
+/// The `k`th publish of till-1 after the sale sample (`k` from 1), of `body`.
+fn publish_of(k: u8, base_seq: Option<u64>, base_version: Option<u64>, body: EventBody) -> Publish {
+    Publish {
+        event_id: event_id(0x10 + k),
+        device_seq: 42 + u64::from(k),
+        client_time_ms: T0 + 60_000 * i64::from(k),
+        base_seq,
+        base_version,
+        body,
+        ..publish()
+    }
+}
+
+/// A `publish` of every kind a client may publish but `sale.recorded` (that one is the
+/// `client_publish` sample), by golden name.
+pub fn publish_samples() -> Vec<(&'static str, ClientFrame)> {
+    vec![
+        (
+            "client_publish_stock_adjusted",
+            ClientFrame::Publish(publish_of(
+                1,
+                None,
+                None,
+                EventBody::StockAdjusted(StockAdjusted {
+                    sku: sku("COFFEE-250G"),
+                    delta: 24,
+                    reason: AdjustReason::Receipt,
+                    note: Some("delivery note 2291".into()),
+                }),
+            )),
+        ),
+        (
+            "client_publish_stock_counted",
+            ClientFrame::Publish(publish_of(
+                2,
+                Some(1180),
+                None,
+                EventBody::StockCounted(StockCounted {
+                    sku: sku("MILK-1L"),
+                    counted: 36,
+                }),
+            )),
+        ),
+        (
+            "client_publish_product_upserted",
+            ClientFrame::Publish(publish_of(
+                3,
+                None,
+                Some(4),
+                EventBody::ProductUpserted(ProductUpserted {
+                    sku: sku("COFFEE-250G"),
+                    fields: ProductFields {
+                        price: Some(949),
+                        barcode: Some(String::new()),
+                        ..Default::default()
+                    },
+                }),
+            )),
+        ),
+        (
+            "client_publish_product_removed",
+            ClientFrame::Publish(publish_of(
+                4,
+                None,
+                Some(2),
+                EventBody::ProductRemoved(ProductRemoved {
+                    sku: sku("MILK-1L"),
+                }),
+            )),
+        ),
+        (
+            "client_publish_custom",
+            ClientFrame::Publish(publish_of(
+                5,
+                None,
+                None,
+                EventBody::Custom(Custom {
+                    custom_type: "loyalty.points_awarded".into(),
+                    data: json!({ "card": "L-2291", "points": 19, "rate": 0.5 }),
+                }),
+            )),
+        ),
+    ]
+}
+
+/// The catalog sample after an admin's merged resolution.
+fn resolved_product() -> ProductRecord {
+    ProductRecord {
+        version: 5,
+        price: 929,
+        updated_at_ms: T0 + 90_000,
+        ..product()
+    }
+}
+
+/// `event` frames whose bodies and effects the `server_event` sample does not show: a catalog
+/// write that met a conflict (merged) and a hub-made `conflict.resolved`, by golden name.
+pub fn event_samples() -> Vec<(&'static str, ServerFrame)> {
+    let merged = Event {
+        seq: 1195,
+        event_id: event_id(0x21),
+        device: name("till-2"),
+        device_seq: 17,
+        client_time_ms: T0 + 400,
+        server_time_ms: T0 + 500,
+        base_version: Some(3),
+        body: EventBody::ProductUpserted(ProductUpserted {
+            sku: sku("COFFEE-250G"),
+            fields: ProductFields {
+                price: Some(949),
+                category: Some("coffee-beans".into()),
+                ..Default::default()
+            },
+        }),
+        effect: Effect {
+            stock: vec![],
+            product: Some(ProductRecord {
+                version: 5,
+                category: Some("coffee-beans".into()),
+                updated_at_ms: T0 + 400,
+                updated_by: name("till-2"),
+                ..product()
+            }),
+            conflict: Some(ConflictNote {
+                id: event_id(0x22),
+                policy: ConflictPolicy::Merge,
+                outcome: ConflictOutcome::Merged,
+                contested: vec![ProductField::Price],
+            }),
+        },
+        ..event()
+    };
+    let resolved = Event {
+        seq: 1201,
+        event_id: event_id(0x20),
+        device: name("hub"),
+        device_seq: 0,
+        client_time_ms: T0 + 90_000,
+        server_time_ms: T0 + 90_000,
+        body: EventBody::ConflictResolved(ConflictResolved {
+            conflict_id: event_id(9),
+            sku: sku("COFFEE-250G"),
+            resolution: Resolution::Merged,
+            resolved_by: name("admin-console"),
+            product: Some(resolved_product()),
+        }),
+        effect: Effect {
+            stock: vec![],
+            product: Some(resolved_product()),
+            conflict: None,
+        },
+        ..event()
+    };
+    vec![
+        (
+            "server_event_product_merged",
+            ServerFrame::Event(Box::new(merged)),
+        ),
+        (
+            "server_event_conflict_resolved",
+            ServerFrame::Event(Box::new(resolved)),
+        ),
+    ]
+}
+
 /// One HTTP body encoded in both codecs: `(name, json, msgpack)`.
 pub type Encoded = (&'static str, bytes::Bytes, bytes::Bytes);
 
