@@ -253,6 +253,7 @@ mod tests {
             .map(|last| Op::Round {
                 branch: b.clone(),
                 events: vec![event(epoch, last - 1), event(epoch, last)],
+                ids: vec![(uuid::Uuid::now_v7(), 0), (uuid::Uuid::now_v7(), 0)],
                 head: last,
                 devices: vec![(Name::new("till-1").unwrap(), last)],
             })
@@ -340,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn a_reset_gives_a_new_epoch_to_the_log_and_its_stored_events() {
+    fn a_reset_gives_a_new_epoch_and_serves_nothing_of_the_old_one() {
         let (_dir, path, old) = store();
         let mut out = Vec::new();
         let resets = unlocked(|| {
@@ -356,14 +357,21 @@ mod tests {
             String::from_utf8(out).unwrap(),
             format!("acme/b1: {old} → {new}\n")
         );
-        let (events, _) = dumped(&path, 2);
-        assert_eq!(events.len(), 4);
-        assert!(events.iter().all(|e| e.epoch == new), "{events:?}");
+        let (events, _) = dumped(&path, 6);
+        assert!(
+            events.is_empty(),
+            "nothing of the old epoch is served: {events:?}"
+        );
         let reports = unlocked(|| inspect(&path, None, &mut Vec::new())).unwrap();
         assert_eq!(
-            (reports[0].epoch.as_str(), reports[0].head, reports[0].floor),
-            (new.to_string().as_str(), 6, 2),
-            "head and floor stay"
+            (
+                reports[0].epoch.as_str(),
+                reports[0].head,
+                reports[0].floor,
+                reports[0].events
+            ),
+            (new.to_string().as_str(), 6, 6, 0),
+            "the head stays; the floor moves up to it and the old events go"
         );
         let err = unlocked(|| reset_epoch(&path, &Branches::One(key("nope")), &mut Vec::new()))
             .unwrap_err();

@@ -682,7 +682,8 @@ impl EventLog for SledLog {
         // Rounds are keyed by their last seq: the first one at or past `after + 1` holds it.
         let start = key(EVENT, branch, &(after + 1).to_be_bytes());
         let end = key(EVENT, branch, &u64::MAX.to_be_bytes());
-        let mut out = Vec::with_capacity(limit.min((until - after) as usize));
+        // Capacity for a usual page at most: `limit` comes from callers.
+        let mut out = Vec::with_capacity(limit.min(1024).min((until - after) as usize));
         for kv in self.tree.range(start..=end) {
             let (_, value) = kv?;
             for entry in entries(Bytes::from_owner(value)) {
@@ -768,16 +769,9 @@ impl EventLog for SledLog {
     }
 
     fn position(&self, branch: &BranchKey) -> Result<(u64, u64), StoreError> {
-        let head = self
-            .tree
-            .get(key(HEAD, branch, &[]))?
-            .map(|v| u64_at(&v, 0, "head"))
-            .transpose()?
-            .unwrap_or(0);
-        let floor = self
-            .read_u64(&key(FLOOR, branch, &[]), "floor")?
-            .unwrap_or(0);
-        Ok((head, floor))
+        Ok(self
+            .branch_position(branch)?
+            .map_or((0, 0), |(_, head, floor)| (head, floor)))
     }
 
     fn last_seq_before(
@@ -863,14 +857,9 @@ impl EventLog for SledLog {
             // The last run acknowledged before flushing and did not stop cleanly: what its
             // clients saw may be gone, and its seqs would be reused. Start every log afresh.
             for branch in self.branches()? {
-                let (head, _) = self.position(&branch)?;
-                let mut meta = rand::random::<u64>().to_be_bytes().to_vec();
-                meta.extend_from_slice(&now_ms().to_be_bytes());
-                let mut batch = sled::Batch::default();
-                batch.insert(key(META, &branch, &[]), meta);
-                batch.insert(key(FLOOR, &branch, &[]), &head.to_be_bytes());
-                self.tree.apply_batch(batch)?;
-                reset += 1;
+                if self.reset_epoch(&branch)?.is_some() {
+                    reset += 1;
+                }
             }
         }
         self.tree.insert([RUN], &[u8::from(durable)])?;
@@ -928,52 +917,29 @@ impl SledLog {
         Ok(Some((epoch, head, floor)))
     }
 
-    /// Gives `branch`'s log a new random epoch, as after a restore from a backup, and returns
-    /// `(old, new)`, or `None` if the branch has no log. Stored events carry their epoch, so
-    /// each is rewritten with the new one (replay sends stored bytes as they are); the new
-    /// epoch is written last and flushed. Interrupted, it leaves the old epoch in place with
-    /// some events rewritten: run it again before starting the hub.
+    /// Gives `branch`'s log a new random epoch and moves its floor to its head, deleting its
+    /// events: positions of the old epoch mean nothing any more, so every client resyncs from
+    /// a snapshot (whose state the store holds) and continues under the new epoch. Returns
+    /// `(old, new)`, or `None` if the branch has no log. The dedup index and device counters
+    /// stay: a retried event is still a duplicate. The new epoch and floor are written and
+    /// flushed together before any event is deleted.
     pub fn reset_epoch(&self, branch: &BranchKey) -> Result<Option<(Epoch, Epoch)>, StoreError> {
-        let meta_key = key(META, branch, &[]);
-        let Some(meta) = self.tree.get(&meta_key)? else {
+        let Some((old, head, _)) = self.branch_position(branch)? else {
             return Ok(None);
         };
-        let old = Epoch(u64_at(&meta, 0, "meta")?);
         let new = loop {
             let epoch = Epoch(rand::random::<u64>());
             if epoch != old {
                 break epoch;
             }
         };
+        let mut meta = new.0.to_be_bytes().to_vec();
+        meta.extend_from_slice(&now_ms().to_be_bytes());
         let mut batch = sled::Batch::default();
-        let mut rounds = 0;
-        for kv in self.scan(EVENT, branch) {
-            let (k, v) = kv?;
-            let mut value = Vec::with_capacity(v.len());
-            for entry in entries(Bytes::from_owner(v)) {
-                let mut stored = entry?;
-                let what = format!("{branch} seq {}", stored.seq);
-                let mut event: branchline_protocol::Event = decode(&stored.bytes, &what)?;
-                event.epoch = new;
-                stored.bytes = Codec::MsgPack
-                    .encode(&event)
-                    .map_err(|e| StoreError::Corrupt {
-                        key: what,
-                        why: e.to_string(),
-                    })?;
-                push_entry(&mut value, &stored);
-            }
-            batch.insert(k, value);
-            rounds += 1;
-            if rounds % 10_000 == 0 {
-                self.tree.apply_batch(std::mem::take(&mut batch))?;
-            }
-        }
+        batch.insert(key(META, branch, &[]), meta);
+        batch.insert(key(FLOOR, branch, &[]), &head.to_be_bytes());
         self.tree.apply_batch(batch)?;
-        let mut meta = meta.to_vec();
-        meta[..8].copy_from_slice(&new.0.to_be_bytes());
-        self.tree.insert(meta_key, meta)?;
-        self.db.flush()?;
+        self.trim(branch, head)?;
         Ok(Some((old, new)))
     }
 }

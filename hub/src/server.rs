@@ -87,7 +87,9 @@ impl Hub {
                     "a token secret is required (BRANCHLINE_TOKEN_SECRET, or --dev)".into(),
                 )
             })?;
-        config.conflicts.validate().map_err(HubError::Config)?;
+        config
+            .validate()
+            .map_err(|e| HubError::Config(e.to_string()))?;
         std::fs::create_dir_all(&config.data_dir)?;
         let log: Arc<dyn EventLog> = Arc::new(SledLog::open(
             &config.data_dir,
@@ -265,10 +267,11 @@ impl Hub {
 
     /// Stops everything, in order, within the configured grace.
     async fn stop(&self) {
-        let grace = self.config.shutdown_grace;
+        // One deadline for every phase: the whole stop fits in the grace.
+        let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
         self.shutdown.cancel();
         self.conns.close();
-        if tokio::time::timeout(grace, self.conns.wait())
+        if tokio::time::timeout_at(deadline, self.conns.wait())
             .await
             .is_err()
         {
@@ -276,7 +279,7 @@ impl Hub {
         }
         self.branches.close();
         self.writers.close();
-        if tokio::time::timeout(grace, self.writers.wait())
+        if tokio::time::timeout_at(deadline, self.writers.wait())
             .await
             .is_err()
         {
@@ -289,7 +292,7 @@ impl Hub {
             .take();
         if let Some(committer) = committer {
             let join = tokio::task::spawn_blocking(move || committer.join());
-            if tokio::time::timeout(grace, join).await.is_err() {
+            if tokio::time::timeout_at(deadline, join).await.is_err() {
                 tracing::warn!("the committer did not finish within the shutdown grace");
             }
         }
