@@ -19,7 +19,7 @@
 //! - [`log`]: the replay log behind the [`EventLog`](log::EventLog) engine boundary, in sled.
 //! - [`snapshot`]: paged snapshots pinned to one seq.
 //! - [`auth`]: tokens. [`config`]: every setting. [`metrics`]: Prometheus metrics.
-//! - [`inspect`]: the `log inspect` and `log dump` tools.
+//! - [`inspect`]: the `log inspect`, `log dump` and `log reset-epoch` tools.
 //!
 //! ## How a publish flows
 //! session (or HTTP push) → branch [`Writer`](branch) validates, deduplicates, checks
