@@ -25,12 +25,45 @@ pub(crate) enum Poll {
     Resync(ResyncRequired),
 }
 
-/// A complete snapshot of a branch, assembled from its pages.
+/// A snapshot of a branch, assembled from its pages: complete once the last page is in.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
+    /// Where every page is pinned (`None` before the first page).
     pub position: Option<Position>,
     pub products: Vec<ProductRecord>,
     pub stock: Vec<StockLevel>,
+    /// The token of the next page; `None` before the first page and after the last.
+    pub next_page: Option<String>,
+    /// Items received so far.
+    pub received: u64,
+    /// Items in the whole snapshot (0 before the first page).
+    pub total: u64,
+}
+
+impl Snapshot {
+    /// Adds the next page. A page pinned elsewhere than those before it (the hub broke its
+    /// pinning promise) starts the snapshot over rather than mix two states.
+    pub fn add(&mut self, page: SnapshotPage) {
+        let pos = Position::new(page.epoch, page.at_seq);
+        if self.position.is_some_and(|p| p != pos) {
+            tracing::warn!(branch = %page.branch, "snapshot pages disagree on at_seq; restarting");
+            *self = Snapshot::default();
+            return;
+        }
+        self.position = Some(pos);
+        self.received += page.items.len() as u64;
+        self.total = page.total_items;
+        for item in page.items {
+            self.products.extend(item.product);
+            self.stock.extend(item.stock);
+        }
+        self.next_page = page.next_page_token;
+    }
+
+    /// Whether every page is in.
+    pub fn is_complete(&self) -> bool {
+        self.position.is_some() && self.next_page.is_none()
+    }
 }
 
 /// An HTTP client for one hub, tenant and token. Cheap to clone.
@@ -190,54 +223,6 @@ impl HttpApi {
             .bearer_auth(self.token())
             .query(&query);
         self.send(req, Duration::from_secs(10)).await
-    }
-
-    /// Every page of a snapshot, pinned to one `at_seq`. `progress(received, total)` is
-    /// called after each page. An expired page token restarts the snapshot from its first
-    /// page (PROTOCOL.md §11).
-    pub async fn snapshot(
-        &self,
-        branch: &Name,
-        page: usize,
-        progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<Snapshot> {
-        'restart: loop {
-            let mut snap = Snapshot::default();
-            let mut token: Option<String> = None;
-            let mut received = 0u64;
-            loop {
-                let p = match self.snapshot_page(branch, token.as_deref(), page).await {
-                    Ok(p) => p,
-                    Err(Error::Hub {
-                        code: ErrorCode::SnapshotExpired,
-                        ..
-                    }) => continue 'restart,
-                    Err(e) => return Err(e),
-                };
-                let pos = Position::new(p.epoch, p.at_seq);
-                if snap.position.is_some_and(|q| q != pos) {
-                    // A page of another snapshot: the hub broke its pinning promise. Start
-                    // again rather than mix two states.
-                    tracing::warn!(%branch, "snapshot pages disagree on at_seq; restarting");
-                    continue 'restart;
-                }
-                snap.position = Some(pos);
-                received += p.items.len() as u64;
-                for item in p.items {
-                    if let Some(prod) = item.product {
-                        snap.products.push(prod);
-                    }
-                    if let Some(s) = item.stock {
-                        snap.stock.push(s);
-                    }
-                }
-                progress(received, p.total_items);
-                match p.next_page_token {
-                    Some(t) => token = Some(t),
-                    None => return Ok(snap),
-                }
-            }
-        }
     }
 
     /// `GET …/branches/{tenant}/{branch}`.
