@@ -96,6 +96,11 @@ impl Client {
             StorePath::Dir(p) => Store::open(p, opts.local_log_capacity, opts.durable_publish)?,
             StorePath::Temporary => Store::temporary(opts.local_log_capacity)?,
         };
+        for b in store.outbox_branches() {
+            if !followed.contains(&b) {
+                store.retire_accepted(&b)?;
+            }
+        }
         let store = Arc::new(store);
         let token = Arc::new(RwLock::new(token));
         let http = HttpApi::new(
@@ -345,8 +350,20 @@ impl Client {
     /// device's pending events laid on top (read-your-writes). The two parts are read
     /// together, so an event applied meanwhile shows once, never twice or not at all.
     pub fn state(&self, branch: &Name) -> Result<BranchState> {
+        let (mut state, pending) = self.view(branch)?;
+        state.overlay(self.device(), &pending);
+        Ok(state)
+    }
+
+    /// The state of `branch` exactly as the hub confirmed it up to [`Client::position`].
+    pub fn confirmed_state(&self, branch: &Name) -> Result<BranchState> {
+        Ok(self.view(branch)?.0)
+    }
+
+    /// The confirmed state and the pending events, read at one instant.
+    fn view(&self, branch: &Name) -> Result<(BranchState, Vec<PendingEvent>)> {
         let view = self.shared().store.branch_view(branch)?;
-        let mut s = BranchState {
+        let state = BranchState {
             position: view.position,
             products: view
                 .products
@@ -356,23 +373,7 @@ impl Client {
             stock: view.stock.into_iter().map(|s| (s.sku.clone(), s)).collect(),
             pending: 0,
         };
-        s.overlay(self.device(), &view.pending);
-        Ok(s)
-    }
-
-    /// The state of `branch` exactly as the hub confirmed it up to [`Client::position`].
-    pub fn confirmed_state(&self, branch: &Name) -> Result<BranchState> {
-        let view = self.shared().store.branch_view(branch)?;
-        Ok(BranchState {
-            position: view.position,
-            products: view
-                .products
-                .into_iter()
-                .map(|p| (p.sku.clone(), p))
-                .collect(),
-            stock: view.stock.into_iter().map(|s| (s.sku.clone(), s)).collect(),
-            pending: 0,
-        })
+        Ok((state, view.pending))
     }
 
     /// One stock level, with pending local events applied (read consistently, as

@@ -273,12 +273,11 @@ impl Engine {
                     Err(end) => end,
                 }
             };
-            if let (true, End::Lost { reason, lived }) = (over_websocket, &end) {
-                // Only a session that lived counts as the socket working: one that opened
-                // and died at once fails like one that never opened.
-                if *lived {
-                    ws_failures = 0;
-                } else {
+            // Only a session that lived counts as the socket working: one that opened and
+            // died at once fails like one that never opened.
+            match &end {
+                End::Lost { lived: true, .. } if over_websocket => ws_failures = 0,
+                End::Lost { reason, .. } if over_websocket => {
                     ws_failures += 1;
                     if self.shared.opts.transport == Transport::Auto
                         && ws_failures >= self.shared.opts.websocket_failures_before_polling
@@ -289,6 +288,7 @@ impl Engine {
                         continue;
                     }
                 }
+                _ => {}
             }
             match end {
                 End::Shutdown(reply) => break reply,

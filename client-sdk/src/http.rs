@@ -279,6 +279,46 @@ fn code_for_status(status: u16) -> ErrorCode {
 mod tests {
     use super::*;
 
+    fn page(at_seq: u64, skus: &[&str], next: Option<&str>) -> SnapshotPage {
+        SnapshotPage {
+            branch: Name::new("b1").unwrap(),
+            epoch: branchline_protocol::Epoch(7),
+            at_seq,
+            total_items: 3,
+            items: skus
+                .iter()
+                .map(|s| branchline_protocol::http::SnapshotItem {
+                    product: None,
+                    stock: Some(StockLevel::new(
+                        branchline_protocol::Sku::new(*s).unwrap(),
+                        1,
+                    )),
+                })
+                .collect(),
+            next_page_token: next.map(str::to_string),
+            expires_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_assembled_page_by_page_and_starts_over_if_the_pin_moves() {
+        let mut snap = Snapshot::default();
+        assert!(!snap.is_complete());
+        snap.add(page(40, &["A", "B"], Some("t1")));
+        assert_eq!((snap.received, snap.total), (2, 3));
+        assert_eq!(snap.next_page.as_deref(), Some("t1"));
+        assert!(!snap.is_complete());
+        // A page pinned elsewhere: never mixed in.
+        snap.add(page(41, &["C"], None));
+        assert_eq!(snap.position, None);
+        assert!(snap.stock.is_empty() && snap.next_page.is_none());
+        snap.add(page(41, &["A", "B"], Some("t2")));
+        snap.add(page(41, &["C"], None));
+        assert!(snap.is_complete());
+        assert_eq!(snap.stock.len(), 3);
+        assert_eq!(snap.position.map(|p| p.seq), Some(41));
+    }
+
     #[test]
     fn problems_become_typed_errors() {
         let body = br#"{"status":409,"code":"resync_required","message":"below","resync":{"branch":"b","reason":"below_floor","epoch":"00000000000000aa","head":10,"floor":5}}"#;

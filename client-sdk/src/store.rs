@@ -21,8 +21,13 @@
 //!
 //! The outbox is also mirrored in memory behind a mutex: publishing, renumbering and
 //! retiring entries are read-modify-writes that must not interleave, and the mirror makes
-//! pending counts and read-your-writes overlays cheap. The mutex is never held across an
-//! `.await`.
+//! pending counts and read-your-writes overlays cheap. Applying events and snapshots holds
+//! the mutex too, so a reader that takes it sees the replica and the outbox at one instant
+//! ([`Store::branch_view`]). The mutex is never held across an `.await`.
+//!
+//! An outbox entry carries two marks besides its event: `sent` (flushed before the first
+//! send the hub could apply; it forbids raising the entry's `device_seq`) and `accepted`
+//! (written when the hub answers, not flushed: losing it only costs a resend).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -483,6 +488,32 @@ impl Store {
         Ok(())
     }
 
+    /// Retires the entries of `branch` the hub has accepted, when the branch is no longer
+    /// followed (a client restarted with other branches): their events will never arrive
+    /// to retire them.
+    pub fn retire_accepted(&self, branch: &Name) -> Result<()> {
+        let mut inner = self.lock();
+        let accepted: Vec<u64> = inner
+            .outbox
+            .get(branch)
+            .map(|m| {
+                m.values()
+                    .filter(|e| e.accepted.is_some())
+                    .map(|e| e.order)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        for order in &accepted {
+            batch.remove(key("o", branch, &order.to_be_bytes()));
+        }
+        self.db.apply_batch(batch)?;
+        for order in accepted {
+            remove_entry(&mut inner, branch, order);
+        }
+        Ok(())
+    }
+
     /// Marks entries of `branch` (by ordinal) as possibly applied by the hub (see
     /// [`PendingEvent::sent`]), in one write. [`Store::sync_sent`] must follow before the
     /// sends leave.
@@ -659,7 +690,7 @@ impl Store {
                         code: ErrorCode::DeviceSeqReused,
                         message: format!(
                             "sent before as device_seq {}, and the hub has moved past that \
-                             number (it expects {next}): it may have applied the event and, \
+                             number (it expects {from}): it may have applied the event and, \
                              the event having left its log, forgotten it. A new number could \
                              apply it twice, so it waits here: drop it if the branch holds \
                              it, retry it if not",
@@ -1162,6 +1193,24 @@ mod tests {
                 .unwrap();
         }
         assert!(reader.join().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn accepted_entries_of_a_branch_no_longer_followed_are_retired() {
+        let s = Store::temporary(100).unwrap();
+        let body = || {
+            EventBody::Custom(Custom {
+                custom_type: "t".into(),
+                data: serde_json::Value::Null,
+            })
+        };
+        let accepted = s.record(&b(), body(), None, None, 0).await.unwrap();
+        let waiting = s.record(&b(), body(), None, None, 0).await.unwrap();
+        s.mark_accepted(accepted.event_id, Position::new(Epoch(7), 1), true)
+            .unwrap();
+        s.retire_accepted(&b()).unwrap();
+        let left: Vec<Uuid> = s.pending(&b()).iter().map(|e| e.event_id).collect();
+        assert_eq!(left, [waiting.event_id]);
     }
 
     #[test]
