@@ -25,7 +25,7 @@ use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::http::{HttpApi, Poll, Snapshot};
 use crate::options::{ClientOptions, Endpoints, Transport};
-use crate::publisher::{Outcome, Publisher};
+use crate::publisher::{FrameLimit, Outcome, Publisher};
 use crate::status::{ClientEvent, SnapshotProgress, SyncState, SyncStatus};
 use crate::store::Store;
 use crate::ws::{self, FrameSink, FrameStream};
@@ -434,10 +434,21 @@ impl Engine {
                 if held.contains(&b) {
                     continue;
                 }
-                match self.publisher(&b).take(&store, opts.publish_window, now) {
-                    Ok(events) => s
-                        .out
-                        .extend(events.iter().map(|e| ClientFrame::Publish(e.to_publish()))),
+                // The hub closes the session on a frame over the limit its welcome gave
+                // (PROTOCOL.md §4); such a publish is quarantined instead of sent.
+                let limit = FrameLimit {
+                    codec: s.codec,
+                    max_bytes: s.max_frame_bytes,
+                };
+                match self
+                    .publisher(&b)
+                    .take(&store, opts.publish_window, now, Some(limit))
+                {
+                    Ok((events, outcomes)) => {
+                        self.report(&b, outcomes);
+                        s.out
+                            .extend(events.iter().map(|e| ClientFrame::Publish(e.to_publish())));
+                    }
                     Err(e) => return lost(e, false),
                 }
             }
@@ -621,15 +632,6 @@ impl Engine {
                         self.shared.notify(ClientEvent::Error {
                             message: format!("{}: {}", e.code, e.message),
                         });
-                    } else if e.code == ErrorCode::MessageTooBig {
-                        // The hub closes the session at the first frame over its limit
-                        // (PROTOCOL.md §4): without this, the same publish would be sent
-                        // again on every new session and block the outbox for good.
-                        self.quarantine_oversized(s)?;
-                        return Ok(Some(End::Lost {
-                            reason: format!("{}: {}", e.code, e.message),
-                            lived,
-                        }));
                     } else if matches!(
                         e.code,
                         ErrorCode::Unauthorized
@@ -744,46 +746,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// The hub sent every frame of the session it read before one over its limit: the
-    /// culprit is still in flight. Quarantines each in-flight publish whose frame is over
-    /// the limit the hub announced in `welcome` (the one it enforces), so the events behind
-    /// it go on in the next session.
-    fn quarantine_oversized(&mut self, s: &Session) -> Result<()> {
-        let store = Arc::clone(&self.shared.store);
-        let mut culprits = Vec::new();
-        for (branch, p) in &self.publishers {
-            for id in p.in_flight_ids() {
-                let Some(e) = store.entry(id) else { continue };
-                let size = s.codec.encode(&ClientFrame::Publish(e.to_publish()))?.len();
-                if size as u64 > s.max_frame_bytes {
-                    culprits.push((branch.clone(), id, size));
-                }
-            }
-        }
-        if culprits.is_empty() {
-            tracing::warn!(
-                limit = s.max_frame_bytes,
-                "the hub closed for message_too_big but no publish in flight is over its limit"
-            );
-        }
-        for (branch, id, size) in culprits {
-            let refusal = Rejected {
-                event_id: Some(id),
-                branch: Some(branch.clone()),
-                code: ErrorCode::MessageTooBig,
-                message: format!(
-                    "its publish frame is {size} bytes and the hub takes at most {}; the hub \
-                     closed the session on it",
-                    s.max_frame_bytes
-                ),
-                expected_device_seq: None,
-                conflict: None,
-            };
-            self.on_answer(&branch, PushResult::Rejected(refusal))?;
-        }
-        Ok(())
     }
 
     fn on_resync_required(&mut self, r: &ResyncRequired) {
@@ -904,8 +866,13 @@ impl Engine {
                     if held.contains(&branch) {
                         continue;
                     }
-                    let events = match self.publisher(&branch).take(&store, batch, now) {
-                        Ok(events) => events,
+                    // No frame limit: a push is bounded by the hub's body limit, and a
+                    // single event over it is refused `message_too_big` (quarantined).
+                    let events = match self.publisher(&branch).take(&store, batch, now, None) {
+                        Ok((events, outcomes)) => {
+                            self.report(&branch, outcomes);
+                            events
+                        }
                         Err(e) => return lost(e, false),
                     };
                     if !events.is_empty() {

@@ -21,7 +21,7 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use branchline_protocol::http::PushResult;
-use branchline_protocol::{ErrorCode, Name, Position, Rejected};
+use branchline_protocol::{ClientFrame, Codec, ErrorCode, Name, Position, Rejected};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -44,6 +44,14 @@ pub(crate) enum Outcome {
     Renumbered { from: u64 },
     /// A transient refusal; sending resumes after the backoff.
     Backoff { code: ErrorCode, delay: Duration },
+}
+
+/// The largest frame a transport takes (a WebSocket session: the hub's `max_frame_bytes`
+/// from `welcome`), in the encoding it speaks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FrameLimit {
+    pub codec: Codec,
+    pub max_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -129,22 +137,37 @@ impl Publisher {
 
     /// The next events to send, filling the window up to `window` in flight. Entries the
     /// hub could apply are marked sent first; the caller must [`Store::sync_sent`] before
-    /// they leave.
+    /// they leave. With a `limit`, an entry whose `publish` frame is over it is quarantined
+    /// `message_too_big` instead of sent (the hub would close the session on it, and on
+    /// every next one), and the round halts there as at a refusal, so the entries behind
+    /// it are renumbered into its unused `device_seq`.
     pub fn take(
         &mut self,
         store: &Store,
         window: usize,
         now: Instant,
-    ) -> Result<Vec<PendingEvent>> {
+        limit: Option<FrameLimit>,
+    ) -> Result<(Vec<PendingEvent>, Vec<Outcome>)> {
+        let mut out = Vec::new();
         if self.halted || self.retry_at.is_some_and(|t| t > now) {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), out));
         }
         self.retry_at = None;
         let room = window.saturating_sub(self.inflight.len());
         if room == 0 {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), out));
         }
-        let batch = store.unaccepted(&self.branch, self.last_sent, room);
+        let mut batch = store.unaccepted(&self.branch, self.last_sent, room);
+        if let Some(limit) = limit {
+            if let Some((i, refusal)) = oversized(&batch, limit)? {
+                let culprit = batch.split_off(i);
+                if let Some(q) = store.quarantine(culprit[0].event_id, &refusal)? {
+                    out.push(Outcome::Quarantined(Box::new(q)));
+                }
+                self.halted = true;
+                self.needs_renumber = true;
+            }
+        }
         let may_apply = |e: &&PendingEvent| self.hub_last.is_none_or(|l| e.device_seq > l);
         let marks: Vec<u64> = batch
             .iter()
@@ -164,7 +187,10 @@ impl Publisher {
             });
             self.last_sent = Some(e.order());
         }
-        Ok(batch)
+        if self.halted && self.inflight.is_empty() {
+            self.resolve(store, &mut out)?;
+        }
+        Ok((batch, out))
     }
 
     /// Handles one answer. `followed`: whether the branch's events will arrive (so accepted
@@ -326,6 +352,35 @@ impl Publisher {
     }
 }
 
+/// The first entry of `batch` whose `publish` frame is over `limit`: its index, and the
+/// refusal to quarantine it with.
+fn oversized(batch: &[PendingEvent], limit: FrameLimit) -> Result<Option<(usize, Rejected)>> {
+    for (i, e) in batch.iter().enumerate() {
+        let size = limit
+            .codec
+            .encode(&ClientFrame::Publish(e.to_publish()))?
+            .len();
+        if size as u64 > limit.max_bytes {
+            return Ok(Some((
+                i,
+                Rejected {
+                    event_id: Some(e.event_id),
+                    branch: Some(e.branch.clone()),
+                    code: ErrorCode::MessageTooBig,
+                    message: format!(
+                        "its publish frame is {size} bytes and the hub takes at most {} \
+                         (its welcome says): not sent",
+                        limit.max_bytes
+                    ),
+                    expected_device_seq: None,
+                    conflict: None,
+                },
+            )));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -417,7 +472,7 @@ mod tests {
         let backoff = Backoff::constant(Duration::ZERO);
         let mut outcomes = Vec::new();
         for _ in 0..1000 {
-            let sent = p.take(store, window, Instant::now()).unwrap();
+            let sent = p.take(store, window, Instant::now(), None).unwrap().0;
             if sent.is_empty() && p.in_flight() == 0 {
                 break;
             }
@@ -500,7 +555,7 @@ mod tests {
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::ZERO);
         // Send 4; the hub applies them all but only the first two answers arrive.
-        let sent = p.take(&store, 4, Instant::now()).unwrap();
+        let sent = p.take(&store, 4, Instant::now(), None).unwrap().0;
         let answers: Vec<_> = sent.iter().map(|e| hub.answer(e)).collect();
         for a in answers.into_iter().take(2) {
             p.on_answer(&store, a, false, &backoff, Instant::now())
@@ -509,7 +564,7 @@ mod tests {
         p.reset(&store).unwrap();
         let mut outcomes = Vec::new();
         loop {
-            let sent = p.take(&store, 4, Instant::now()).unwrap();
+            let sent = p.take(&store, 4, Instant::now(), None).unwrap().0;
             if sent.is_empty() {
                 break;
             }
@@ -555,7 +610,7 @@ mod tests {
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::ZERO);
         // The hub applies all three, the answers are lost in a cut…
-        for e in p.take(&store, 8, Instant::now()).unwrap() {
+        for e in p.take(&store, 8, Instant::now(), None).unwrap().0 {
             hub.answer(&e);
         }
         p.begin(&store).unwrap();
@@ -567,7 +622,7 @@ mod tests {
             .unwrap();
         let mut outcomes = Vec::new();
         loop {
-            let sent = p.take(&store, 8, Instant::now()).unwrap();
+            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
             if sent.is_empty() && p.in_flight() == 0 {
                 break;
             }
@@ -610,13 +665,13 @@ mod tests {
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::ZERO);
         p.set_last_device_seq(&store, 41).unwrap();
-        assert_eq!(p.take(&store, 8, Instant::now()).unwrap().len(), 3);
+        assert_eq!(p.take(&store, 8, Instant::now(), None).unwrap().0.len(), 3);
         p.begin(&store).unwrap();
         assert!(store.pending(&branch()).iter().all(|e| !e.sent));
         p.set_last_device_seq(&store, 41).unwrap();
         let mut outcomes = Vec::new();
         loop {
-            let sent = p.take(&store, 8, Instant::now()).unwrap();
+            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
             if sent.is_empty() && p.in_flight() == 0 {
                 break;
             }
@@ -635,12 +690,59 @@ mod tests {
     }
 
     #[test]
+    fn an_event_over_the_frame_limit_is_quarantined_unsent_and_its_number_reused() {
+        let store = Store::temporary(100).unwrap();
+        let rt = rt();
+        let big = EventBody::Custom(Custom {
+            custom_type: "big".into(),
+            data: serde_json::json!("x".repeat(2000)),
+        });
+        let small = rt
+            .block_on(store.record(&branch(), body(1), None, None, 0))
+            .unwrap();
+        let oversized = rt
+            .block_on(store.record(&branch(), big, None, None, 0))
+            .unwrap();
+        let behind = rt
+            .block_on(store.record(&branch(), body(2), None, None, 0))
+            .unwrap();
+        let limit = FrameLimit {
+            codec: Codec::MsgPack,
+            max_bytes: 1000,
+        };
+        let mut hub = hub(0);
+        let mut p = Publisher::new(branch());
+        let backoff = Backoff::constant(Duration::ZERO);
+        let (sent, outcomes) = p.take(&store, 8, Instant::now(), Some(limit)).unwrap();
+        assert_eq!(
+            sent.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            [small.event_id],
+            "sent up to the oversized one"
+        );
+        assert!(matches!(&outcomes[..], [Outcome::Quarantined(q)]
+            if q.event.event_id == oversized.event_id && q.code == ErrorCode::MessageTooBig));
+        for e in sent {
+            let a = hub.answer(&e);
+            p.on_answer(&store, a, true, &backoff, Instant::now())
+                .unwrap();
+        }
+        let (sent, _) = p.take(&store, 8, Instant::now(), Some(limit)).unwrap();
+        assert_eq!(
+            sent.iter()
+                .map(|e| (e.event_id, e.device_seq))
+                .collect::<Vec<_>>(),
+            [(behind.event_id, 2)]
+        );
+        assert_eq!(store.quarantined_count(), 1);
+    }
+
+    #[test]
     fn transient_refusals_back_off_then_resend() {
         let store = store_with(2);
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::from_secs(2));
         let t0 = Instant::now();
-        let sent = p.take(&store, 8, t0).unwrap();
+        let sent = p.take(&store, 8, t0, None).unwrap().0;
         assert_eq!(sent.len(), 2);
         let out = p
             .on_answer(
@@ -667,11 +769,15 @@ mod tests {
         )
         .unwrap();
         assert!(
-            p.take(&store, 8, t0 + Duration::from_secs(1))
+            p.take(&store, 8, t0 + Duration::from_secs(1), None)
                 .unwrap()
+                .0
                 .is_empty()
         );
-        let again = p.take(&store, 8, t0 + Duration::from_secs(2)).unwrap();
+        let again = p
+            .take(&store, 8, t0 + Duration::from_secs(2), None)
+            .unwrap()
+            .0;
         assert_eq!(
             again.iter().map(|e| e.device_seq).collect::<Vec<_>>(),
             [1, 2],

@@ -397,13 +397,6 @@ impl Store {
         ))
     }
 
-    /// The outbox entry of `event_id`, if it is still there.
-    pub fn entry(&self, event_id: Uuid) -> Option<PendingEvent> {
-        let inner = self.lock();
-        let (branch, order) = inner.index.get(&event_id)?;
-        inner.outbox.get(branch)?.get(order).cloned()
-    }
-
     /// Every outbox entry, by branch then publish order.
     pub fn all_pending(&self) -> Vec<PendingEvent> {
         self.lock()
