@@ -108,8 +108,9 @@
 //! - **In order, gap-free**: events are applied only as `seq = position + 1`; a gap or an
 //!   epoch change drops the connection and resumes from the stored position.
 //! - **Quarantine**: an event the hub refuses permanently ([`protocol::ErrorCode::is_permanent`],
-//!   including a batch push refused `forbidden` and a publish the hub closed the session on
-//!   as `message_too_big`) is set aside; the events behind it are renumbered and go on. The
+//!   including a batch push refused `forbidden`, and a publish over the frame limit the
+//!   hub's `welcome` announced, quarantined `message_too_big` without being sent) is set
+//!   aside; the events behind it are renumbered and go on. The
 //!   app lists it with [`Client::quarantined`] and retries or drops it. An event over
 //!   [`ClientOptions::max_event_bytes`] is refused by `publish` itself.
 //! - **Resync**: a branch the hub cannot resume is rebuilt from a paged snapshot (held in

@@ -185,7 +185,9 @@ impl ClientOptions {
         self
     }
 
-    /// How often polling mode tries the WebSocket again. Default 30 s.
+    /// How often polling mode tries the WebSocket again. Default 30 s. Each wait is
+    /// jittered to between half and one and a half times this, so that tills that fell back
+    /// together do not probe together; polling goes on while a probe is under way.
     pub fn probe_interval(mut self, every: Duration) -> Self {
         self.probe_interval = every;
         self
@@ -242,7 +244,8 @@ impl ClientOptions {
     /// default frame limit (PROTOCOL.md §14): the frame is the whole WebSocket message,
     /// envelope included, so nothing else needs room. Raise it only for a hub configured
     /// with a larger limit; an event over the hub's limit that reaches the outbox anyway is
-    /// quarantined `message_too_big` when the hub closes the session on it.
+    /// quarantined `message_too_big` before it is sent over a WebSocket (the hub announces
+    /// its limit in `welcome`, and would close the session on the frame).
     pub fn max_event_bytes(mut self, n: usize) -> Self {
         self.max_event_bytes = n;
         self
