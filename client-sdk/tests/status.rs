@@ -79,15 +79,16 @@ async fn status_transitions_are_reported_in_order_across_a_hub_restart() {
     );
     assert!(story[..connected].iter().all(|s| s == "disconnected"));
     assert_eq!(till.status().borrow().state, SyncState::Live);
-    // The watch went connecting (and offline while the proxy refused), then resyncing
-    // with the snapshot's progress, then live.
+    // The watch went connecting and offline (while the proxy refused), then resyncing
+    // with the snapshot's progress, then live. (A watch keeps only the latest value, so
+    // a state too short for the recorder to run in between may be missing; the snapshot
+    // of 20 pages is not.)
     wait_for("live recorded", Duration::from_secs(5), || async {
         seen_rx.borrow().last().map(|s| s.state) == Some(SyncState::Live)
     })
     .await;
     let first = recorded(0);
     let order = states(&first);
-    assert_eq!(order.first(), Some(&SyncState::Connecting), "{order:?}");
     assert_eq!(
         &order[order.len() - 2..],
         [SyncState::Resyncing, SyncState::Live],
@@ -153,7 +154,7 @@ async fn status_transitions_are_reported_in_order_across_a_hub_restart() {
     .await;
     let order = states(&recorded(mark - 1));
     assert_eq!(order.first(), Some(&SyncState::Live), "{order:?}");
-    assert_eq!(order.get(1), Some(&SyncState::Offline), "{order:?}");
+    assert!(order.contains(&SyncState::Offline), "{order:?}");
     assert_eq!(order.last(), Some(&SyncState::Live), "{order:?}");
     assert!(
         order[1..order.len() - 1]
