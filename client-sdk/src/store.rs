@@ -1236,6 +1236,20 @@ mod tests {
         assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(9), 40)));
     }
 
+    /// Opens the store at `path` again, waiting (for a while) until sled's background
+    /// flusher of the previous instance has let go of it.
+    fn reopen(path: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path, 10, true) {
+                Err(Error::StoreLocked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
+    }
+
     #[test]
     fn a_store_in_use_is_reported_as_locked() {
         let dir = tempfile::tempdir().unwrap();
@@ -1274,7 +1288,7 @@ mod tests {
                 .unwrap();
             ids
         };
-        let s = Store::open(dir.path(), 10, true).unwrap();
+        let s = reopen(dir.path());
         let pending = s.pending(&b());
         assert_eq!(pending.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
         assert_eq!(
