@@ -59,6 +59,13 @@ impl fmt::Debug for Backoff {
     }
 }
 
+/// `every` scaled by a uniformly random factor in `[0.5, 1.5)`: for periodic work that many
+/// clients start at the same moment (the WebSocket probe of tills that fell back to polling
+/// together), so that it does not stay in lockstep.
+pub(crate) fn jitter(every: Duration) -> Duration {
+    every.mul_f64(rand::rng().random_range(0.5..1.5))
+}
+
 /// The upper bound of the jittered delay: `min(cap, base × 2^(attempt−1))`, without overflow.
 pub fn exponential_bound(base: Duration, cap: Duration, attempt: u32) -> Duration {
     let shift = attempt.saturating_sub(1);
@@ -137,6 +144,19 @@ mod tests {
             );
         }
         assert!(start.elapsed() <= bound);
+    }
+
+    #[test]
+    fn periodic_jitter_stays_within_half_and_one_and_a_half_times_and_spreads() {
+        let every = Duration::from_secs(30);
+        let samples: Vec<Duration> = (0..400).map(|_| jitter(every)).collect();
+        assert!(
+            samples
+                .iter()
+                .all(|d| *d >= every / 2 && *d < every * 3 / 2)
+        );
+        let early = samples.iter().filter(|d| **d < every).count();
+        assert!(early > 100 && early < 300, "{early} of 400 early");
     }
 
     #[test]

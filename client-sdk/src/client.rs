@@ -1,12 +1,13 @@
 //! [`Client`]: the cheap, clonable handle an app holds.
 
+use std::collections::{BTreeMap, HashMap};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 
 use branchline_protocol::http::BranchStatus;
 use branchline_protocol::{
-    Devices, EventBody, Name, Position, ProductRecord, Role, Sku, StockLevel,
+    ClientFrame, Devices, EventBody, Name, Position, ProductRecord, Publish, Role, Sku, StockLevel,
 };
 use futures::Stream;
 use futures::stream::BoxStream;
@@ -15,7 +16,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::engine::{Command, Engine, Shared};
+use crate::engine::{COMMAND_QUEUE, Command, Engine, Shared};
 use crate::error::{Error, Result};
 use crate::http::HttpApi;
 use crate::options::{Claims, ClientOptions, Endpoints, StorePath};
@@ -37,7 +38,7 @@ pub struct Base {
 
 struct Inner {
     shared: Arc<Shared>,
-    cmds: mpsc::UnboundedSender<Command>,
+    cmds: mpsc::Sender<Command>,
     log: watch::Receiver<u64>,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -95,6 +96,11 @@ impl Client {
             StorePath::Dir(p) => Store::open(p, opts.local_log_capacity, opts.durable_publish)?,
             StorePath::Temporary => Store::temporary(opts.local_log_capacity)?,
         };
+        for b in store.outbox_branches() {
+            if !followed.contains(&b) {
+                store.retire_accepted(&b)?;
+            }
+        }
         let store = Arc::new(store);
         let token = Arc::new(RwLock::new(token));
         let http = HttpApi::new(
@@ -122,8 +128,9 @@ impl Client {
             notices,
             outbox_changed: Notify::new(),
             clock,
+            downloads: Mutex::new(HashMap::new()),
         });
-        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (log_tx, log_rx) = watch::channel(shared.store.log_end());
         let engine = Engine::new(Arc::clone(&shared), cmd_rx, log_tx);
         let task = tokio::spawn(engine.run());
@@ -210,7 +217,8 @@ impl Client {
     }
 
     /// Records an event for `branch` with explicit envelope fields. See
-    /// [`Client::publish_to`].
+    /// [`Client::publish_to`]. Besides the kind's rules, the event must fit
+    /// [`ClientOptions::max_event_bytes`] ([`Error::EventTooBig`]).
     pub async fn publish_with(
         &self,
         branch: &Name,
@@ -225,6 +233,23 @@ impl Client {
                 "the token does not allow publishing to branch {branch}"
             )));
         }
+        let client_time_ms = shared.clock.now();
+        // Measured as the frame that will be sent, with the widest `device_seq` (and any
+        // event id, all of one length), so that renumbering cannot take it over the limit.
+        let frame = ClientFrame::Publish(Publish {
+            branch: branch.clone(),
+            event_id: Uuid::nil(),
+            device_seq: u64::MAX,
+            client_time_ms,
+            base_seq: base.base_seq,
+            base_version: base.base_version,
+            body: body.clone(),
+        });
+        let size = shared.opts.codec.encode(&frame)?.len();
+        let limit = shared.opts.max_event_bytes;
+        if size > limit {
+            return Err(Error::EventTooBig { size, limit });
+        }
         let entry = shared
             .store
             .record(
@@ -232,7 +257,7 @@ impl Client {
                 body,
                 base.base_seq,
                 base.base_version,
-                shared.clock.now(),
+                client_time_ms,
             )
             .await?;
         let (pending, oldest) = shared.store.pending_stats();
@@ -322,67 +347,59 @@ impl Client {
     }
 
     /// The state of `branch` as this device sees it: confirmed by the hub, with this
-    /// device's pending events laid on top (read-your-writes).
+    /// device's pending events laid on top (read-your-writes). The two parts are read
+    /// together, so an event applied meanwhile shows once, never twice or not at all.
     pub fn state(&self, branch: &Name) -> Result<BranchState> {
-        let mut s = self.confirmed_state(branch)?;
-        let pending = self.shared().store.pending(branch);
-        s.overlay(self.device(), &pending);
-        Ok(s)
+        let (mut state, pending) = self.view(branch)?;
+        state.overlay(self.device(), &pending);
+        Ok(state)
     }
 
     /// The state of `branch` exactly as the hub confirmed it up to [`Client::position`].
     pub fn confirmed_state(&self, branch: &Name) -> Result<BranchState> {
-        let store = &self.shared().store;
-        Ok(BranchState {
-            position: store.cursor(branch)?,
-            products: store
-                .confirmed_products(branch)?
+        Ok(self.view(branch)?.0)
+    }
+
+    /// The confirmed state and the pending events, read at one instant.
+    fn view(&self, branch: &Name) -> Result<(BranchState, Vec<PendingEvent>)> {
+        let view = self.shared().store.branch_view(branch)?;
+        let state = BranchState {
+            position: view.position,
+            products: view
+                .products
                 .into_iter()
                 .map(|p| (p.sku.clone(), p))
                 .collect(),
-            stock: store
-                .confirmed_stock_levels(branch)?
-                .into_iter()
-                .map(|s| (s.sku.clone(), s))
-                .collect(),
+            stock: view.stock.into_iter().map(|s| (s.sku.clone(), s)).collect(),
             pending: 0,
-        })
+        };
+        Ok((state, view.pending))
     }
 
-    /// One stock level, with pending local events applied.
+    /// One stock level, with pending local events applied (read consistently, as
+    /// [`Client::state`]).
     pub fn stock(&self, branch: &Name, sku: &Sku) -> Result<Option<StockLevel>> {
-        let store = &self.shared().store;
-        let mut stock = std::collections::BTreeMap::new();
-        if let Some(s) = store.confirmed_stock(branch, sku)? {
-            stock.insert(sku.clone(), s);
-        }
-        let mut products = std::collections::BTreeMap::new();
-        for e in store
-            .pending(branch)
-            .iter()
-            .filter(|e| replica::touches(e, sku))
-        {
-            replica::apply_pending(&mut products, &mut stock, self.device(), e);
-        }
-        Ok(stock.remove(sku))
+        Ok(self.sku_state(branch, sku)?.1.remove(sku))
     }
 
-    /// One product, with pending local events applied.
+    /// One product, with pending local events applied (read consistently, as
+    /// [`Client::state`]).
     pub fn product(&self, branch: &Name, sku: &Sku) -> Result<Option<ProductRecord>> {
-        let store = &self.shared().store;
-        let mut products = std::collections::BTreeMap::new();
-        if let Some(p) = store.confirmed_product(branch, sku)? {
-            products.insert(sku.clone(), p);
-        }
-        let mut stock = std::collections::BTreeMap::new();
-        for e in store
-            .pending(branch)
-            .iter()
-            .filter(|e| replica::touches(e, sku))
-        {
+        Ok(self.sku_state(branch, sku)?.0.remove(sku))
+    }
+
+    fn sku_state(
+        &self,
+        branch: &Name,
+        sku: &Sku,
+    ) -> Result<(BTreeMap<Sku, ProductRecord>, BTreeMap<Sku, StockLevel>)> {
+        let (product, stock, pending) = self.shared().store.sku_view(branch, sku)?;
+        let mut products: BTreeMap<_, _> = product.map(|p| (sku.clone(), p)).into_iter().collect();
+        let mut stock: BTreeMap<_, _> = stock.map(|s| (sku.clone(), s)).into_iter().collect();
+        for e in &pending {
             replica::apply_pending(&mut products, &mut stock, self.device(), e);
         }
-        Ok(products.remove(sku))
+        Ok((products, stock))
     }
 
     /// Every event in the outbox (not yet seen sequenced), by branch and publish order.
@@ -395,8 +412,12 @@ impl Client {
         self.shared().store.quarantined()
     }
 
-    /// Sends a quarantined event again, at the end of its branch's outbox (after the app
-    /// fixed what made the hub refuse it: a permission, say).
+    /// Sends a quarantined event again, at the end of its branch's outbox, with the next
+    /// `device_seq` (after the app fixed what made the hub refuse it: a permission, say).
+    ///
+    /// An event quarantined `device_seq_reused` was sent before and the hub can no longer
+    /// say whether it applied it: retrying it applies it again if it did. Check the
+    /// branch's events first (drop it with [`Client::drop_quarantined`] if they hold it).
     pub fn retry_quarantined(&self, event_id: Uuid) -> Result<PendingEvent> {
         let e = self.shared().store.retry_quarantined(event_id)?;
         self.shared().outbox_changed.notify_one();
@@ -412,12 +433,20 @@ impl Client {
     }
 
     /// Replaces the token (after `AuthFailed`, or before the old one expires). Used from the
-    /// next connection or request on.
+    /// next connection or request on; a client waiting for a token after `AuthFailed`
+    /// retries at once. Never blocks: the latest token wins.
     pub fn set_token(&self, token: impl Into<String>) -> Result<()> {
-        self.inner
-            .cmds
-            .send(Command::SetToken(token.into()))
-            .map_err(|_| Error::Closed)
+        let shared = self.shared();
+        match shared.token.write() {
+            Ok(mut t) => *t = token.into(),
+            Err(p) => *p.into_inner() = token.into(),
+        }
+        match self.inner.cmds.try_send(Command::TokenChanged) {
+            // A full queue already holds commands the task will wake for, and it reads the
+            // token when it uses it: this one would say nothing more.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+        }
     }
 
     /// Where `branch` stands on the hub (HTTP).
@@ -440,7 +469,8 @@ impl Client {
     /// does the same without waiting.
     pub async fn shutdown(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if self.inner.cmds.send(Command::Shutdown(tx)).is_ok() {
+        // Waits for a slot if the command queue is full (the task drains it promptly).
+        if self.inner.cmds.send(Command::Shutdown(tx)).await.is_ok() {
             let _ = rx.await;
         }
         let task = self

@@ -1,18 +1,18 @@
 //! The background task: the one owner of the transport. It connects (WebSocket, or HTTP
 //! polling when the socket cannot be held), resumes every followed branch from the stored
 //! position, applies what arrives to the replica, drains the outbox, takes snapshots when a
-//! branch must resync, and reports how it goes. Handles talk to it through a command channel
-//! and a [`Notify`]; it talks back through `watch` and `broadcast` channels, which never
-//! block it.
+//! branch must resync, and reports how it goes. Handles talk to it through a bounded
+//! command channel and a [`Notify`]; it talks back through `watch` and `broadcast`
+//! channels, which never block it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use branchline_protocol::http::PushResult;
 use branchline_protocol::{
-    Ack, BranchStart, ClientFrame, ErrorCode, Event, Hello, Name, Ping, Position, ResyncRequired,
-    Role, ServerFrame, StartMode, Subscription, Welcome,
+    Ack, BranchStart, ClientFrame, Codec, ErrorCode, Event, Hello, Name, Ping, Position, Rejected,
+    ResyncRequired, Role, ServerFrame, StartMode, Subscription, UnixMillis, Welcome,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -20,14 +20,23 @@ use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 
+use crate::backoff::jitter;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::http::{HttpApi, Poll, Snapshot};
 use crate::options::{ClientOptions, Endpoints, Transport};
-use crate::publisher::{Outcome, Publisher};
+use crate::publisher::{FrameLimit, Outcome, Publisher};
 use crate::status::{ClientEvent, SnapshotProgress, SyncState, SyncStatus};
 use crate::store::Store;
 use crate::ws::{self, FrameSink, FrameStream};
+
+/// Capacity of the command channel from handles to the task. Commands are rare (a token
+/// change, shutdown) and the task serves them between any two frames, so a few slots are
+/// plenty; [`Client::set_token`](crate::Client::set_token) never waits on it (the token
+/// itself is written to [`Shared::token`], the command only wakes the task, and a full
+/// channel already holds a wake-up), and [`Client::shutdown`](crate::Client::shutdown)
+/// waits for a slot.
+pub(crate) const COMMAND_QUEUE: usize = 16;
 
 /// What the handles and the task share.
 pub(crate) struct Shared {
@@ -40,12 +49,18 @@ pub(crate) struct Shared {
     pub followed: Vec<Name>,
     /// The branches the token allows (`None` for all of the tenant's).
     pub allowed: Option<Vec<Name>>,
+    /// The token for the next connection or request; handles replace it.
     pub token: Arc<RwLock<String>>,
     pub http: HttpApi,
     pub status: watch::Sender<SyncStatus>,
     pub notices: broadcast::Sender<ClientEvent>,
     pub outbox_changed: Notify,
     pub clock: Clock,
+    /// Snapshot downloads in progress, by branch. Kept outside the download futures (which
+    /// die with their session) so that a download resumes from its last page token after a
+    /// cut instead of starting over (PROTOCOL.md §11: a token is good for 10 minutes).
+    /// A std mutex: held only to read or add a page, never across an `.await`.
+    pub downloads: Mutex<HashMap<Name, Snapshot>>,
 }
 
 impl Shared {
@@ -60,12 +75,24 @@ impl Shared {
             .map(|t| t.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
     }
+
+    fn download<T>(&self, branch: &Name, f: impl FnOnce(&mut Snapshot) -> T) -> T {
+        let mut downloads = self.downloads.lock().unwrap_or_else(|p| p.into_inner());
+        f(downloads.entry(branch.clone()).or_default())
+    }
+
+    fn drop_download(&self, branch: &Name) -> Option<Snapshot> {
+        self.downloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(branch)
+    }
 }
 
 /// Requests from handles.
 pub(crate) enum Command {
-    /// Use this token from the next connection on.
-    SetToken(String),
+    /// The token changed (it is already in [`Shared::token`]): end a wait for one.
+    TokenChanged,
     /// Stop: close the connection, flush the store, answer.
     Shutdown(oneshot::Sender<()>),
 }
@@ -89,17 +116,21 @@ enum End {
 struct Connected {
     sink: FrameSink,
     stream: FrameStream,
+    /// The encoding the hub selected.
+    codec: Codec,
     welcome: Welcome,
 }
 
 type SnapshotFuture = BoxFuture<'static, (Name, Result<Snapshot>)>;
 /// A batch push: (branch, events sent, the results).
 type PushFuture = BoxFuture<'static, (Name, usize, Result<Vec<PushResult>>)>;
+/// A `GET /v1/time` round trip: (sent, server, received).
+type TimeFuture = BoxFuture<'static, Result<(UnixMillis, UnixMillis, UnixMillis)>>;
 
 /// The background task's state.
 pub(crate) struct Engine {
     shared: Arc<Shared>,
-    cmds: mpsc::UnboundedReceiver<Command>,
+    cmds: mpsc::Receiver<Command>,
     log_tx: watch::Sender<u64>,
     publishers: BTreeMap<Name, Publisher>,
     heads: HashMap<Name, u64>,
@@ -110,13 +141,16 @@ pub(crate) struct Engine {
     last_pull_ms: Option<i64>,
 }
 
-/// A session lasting this long counts as a success for the backoff.
+/// A WebSocket session lasting this long counts as a success: it resets the reconnect
+/// backoff and the count of WebSocket failures. A shorter one (a socket that connects but
+/// cannot be held: a proxy cutting upgraded connections, say) counts as a failure towards
+/// [`ClientOptions::websocket_failures_before_polling`], like one that never opened.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 impl Engine {
     pub fn new(
         shared: Arc<Shared>,
-        cmds: mpsc::UnboundedReceiver<Command>,
+        cmds: mpsc::Receiver<Command>,
         log_tx: watch::Sender<u64>,
     ) -> Self {
         Self {
@@ -141,6 +175,25 @@ impl Engine {
         self.publishers
             .entry(branch.clone())
             .or_insert_with(|| Publisher::new(branch.clone()))
+    }
+
+    /// A new connection: every publisher starts a new round (see [`Publisher::begin`]).
+    fn begin_publishers(&mut self) -> Result<()> {
+        let store = Arc::clone(&self.shared.store);
+        let branches: Vec<Name> = self.publishers.keys().cloned().collect();
+        for b in branches {
+            let outcomes = self.publisher(&b).begin(&store)?;
+            self.report(&b, outcomes);
+        }
+        Ok(())
+    }
+
+    /// Nothing in flight on `branch` will be answered: start a new round.
+    fn reset_publisher(&mut self, branch: &Name) -> Result<()> {
+        let store = Arc::clone(&self.shared.store);
+        let outcomes = self.publisher(branch).reset(&store)?;
+        self.report(branch, outcomes);
+        Ok(())
     }
 
     /// Followed branches whose outbox waits: while a branch has no position yet or is being
@@ -204,6 +257,7 @@ impl Engine {
         let mut carried: Option<Box<Connected>> = None;
         self.refresh_status();
         let reply = loop {
+            let over_websocket = carried.is_some() || !polling;
             let end = if let Some(conn) = carried.take() {
                 self.session(*conn).await
             } else if polling {
@@ -215,33 +269,33 @@ impl Engine {
             } else {
                 self.set_mode(SyncState::Connecting);
                 match self.connect_ws().await {
-                    Ok(conn) => {
-                        ws_failures = 0;
-                        self.session(conn).await
-                    }
-                    Err(End::Lost { reason, .. }) => {
-                        ws_failures += 1;
-                        if self.shared.opts.transport == Transport::Auto
-                            && ws_failures >= self.shared.opts.websocket_failures_before_polling
-                        {
-                            tracing::info!(ws_failures, %reason, "switching to HTTP polling");
-                            polling = true;
-                            self.last_error = Some(reason);
-                            continue;
-                        }
-                        End::Lost {
-                            reason,
-                            lived: false,
-                        }
-                    }
-                    Err(other) => other,
+                    Ok(conn) => self.session(conn).await,
+                    Err(end) => end,
                 }
             };
+            // Only a session that lived counts as the socket working: one that opened and
+            // died at once fails like one that never opened.
+            match &end {
+                End::Lost { lived: true, .. } if over_websocket => ws_failures = 0,
+                End::Lost { reason, .. } if over_websocket => {
+                    ws_failures += 1;
+                    if self.shared.opts.transport == Transport::Auto
+                        && ws_failures >= self.shared.opts.websocket_failures_before_polling
+                    {
+                        tracing::info!(ws_failures, %reason, "switching to HTTP polling");
+                        polling = true;
+                        self.last_error = Some(reason.clone());
+                        continue;
+                    }
+                }
+                _ => {}
+            }
             match end {
                 End::Shutdown(reply) => break reply,
                 End::Probe(conn) => {
+                    // The failure count stays: the socket must hold for a while to reset it,
+                    // and one more short session goes straight back to polling.
                     polling = false;
-                    ws_failures = 0;
                     carried = Some(conn);
                 }
                 End::Lost { reason, lived } => {
@@ -282,114 +336,47 @@ impl Engine {
     async fn wait(&mut self, delay: Duration) -> Option<Option<oneshot::Sender<()>>> {
         tokio::select! {
             () = sleep(delay) => None,
-            cmd = self.cmds.recv() => self.wake(cmd),
+            cmd = self.cmds.recv() => Self::wake(cmd),
         }
     }
 
     async fn wait_for_token(&mut self) -> Option<Option<oneshot::Sender<()>>> {
         let cmd = self.cmds.recv().await;
-        self.wake(cmd)
+        Self::wake(cmd)
     }
 
     /// A command while waiting: a new token ends the wait (it deserves a prompt try).
-    fn wake(&mut self, cmd: Option<Command>) -> Option<Option<oneshot::Sender<()>>> {
+    fn wake(cmd: Option<Command>) -> Option<Option<oneshot::Sender<()>>> {
         match cmd {
             None => Some(None),
             Some(Command::Shutdown(reply)) => Some(Some(reply)),
-            Some(Command::SetToken(t)) => {
-                self.set_token(t);
-                None
-            }
+            Some(Command::TokenChanged) => None,
         }
     }
 
-    fn set_token(&self, token: String) {
-        match self.shared.token.write() {
-            Ok(mut t) => *t = token,
-            Err(p) => *p.into_inner() = token,
-        }
-    }
-
-    fn handle_command(&mut self, cmd: Option<Command>) -> Option<End> {
+    /// A command while connected: `Some` if it ends the connection. A new token is used
+    /// from the next connection or request on.
+    fn handle_command(cmd: Option<Command>) -> Option<End> {
         match cmd {
             None => Some(End::Shutdown(None)),
             Some(Command::Shutdown(reply)) => Some(End::Shutdown(Some(reply))),
-            Some(Command::SetToken(t)) => {
-                self.set_token(t);
-                None
-            }
+            Some(Command::TokenChanged) => None,
         }
     }
 
     // ---- WebSocket -----------------------------------------------------------------------
 
-    /// Connects, says hello (resuming every branch with a position) and waits for welcome.
+    /// Connects, says hello (resuming every branch with a position) and waits for welcome,
+    /// serving commands meanwhile.
     async fn connect_ws(&mut self) -> Result<Connected, End> {
-        let opts = &self.shared.opts;
-        let limit = opts.connect_timeout;
-        let attempt = async {
-            let (mut sink, mut stream) = ws::connect(
-                &self.shared.endpoints.ws,
-                opts.codec,
-                branchline_protocol::DEFAULT_MAX_FRAME_BYTES,
-            )
-            .await?;
-            let mut subscriptions = Vec::new();
-            for b in &self.shared.followed {
-                if let Some(pos) = self.shared.store.cursor(b)? {
-                    subscriptions.push(Subscription {
-                        branch: b.clone(),
-                        from: Some(pos),
-                    });
-                }
-            }
-            let hello = ClientFrame::Hello(Hello {
-                protocol: branchline_protocol::PROTOCOL_VERSION,
-                token: self.shared.token(),
-                tenant: self.shared.tenant.clone(),
-                device: self.shared.device.clone(),
-                client_time_ms: self.shared.clock.now(),
-                subscriptions,
-                agent: Some(opts.agent.clone()),
-            });
-            sink.send(hello).await?;
-            match ws::next_frame(&mut stream, limit).await? {
-                ServerFrame::Welcome(welcome) => Ok(Connected {
-                    sink,
-                    stream,
-                    welcome,
-                }),
-                ServerFrame::Error(e) => Err(Error::Hub {
-                    status: e.code.http_status(),
-                    code: e.code,
-                    message: e.message,
-                }),
-                other => Err(Error::Network(format!(
-                    "expected welcome, got {}",
-                    other.type_name()
-                ))),
-            }
-        };
-        let result = tokio::select! {
-            r = timeout(limit, attempt) => r.unwrap_or_else(|_| Err(Error::Network(format!("no welcome within {limit:?}")))),
-            cmd = self.cmds.recv() => match self.handle_command(cmd) {
-                Some(end) => return Err(end),
-                None => Err(Error::Network("interrupted by a new token".into())),
-            },
-        };
-        result.map_err(|e| match e {
-            e if e.is_auth() => match e {
-                Error::Hub { code, message, .. } => End::Auth { code, message },
-                other => End::Lost {
-                    reason: other.to_string(),
-                    lived: false,
-                },
-            },
-            other => End::Lost {
-                reason: other.to_string(),
-                lived: false,
-            },
-        })
+        let attempt = ws_attempt(Arc::clone(&self.shared));
+        tokio::select! {
+            r = attempt => r.map_err(auth_or_lost),
+            cmd = self.cmds.recv() => Err(match Self::handle_command(cmd) {
+                Some(end) => end,
+                None => lost("interrupted by a new token", false),
+            }),
+        }
     }
 
     /// Serves one WebSocket session until it ends.
@@ -397,10 +384,12 @@ impl Engine {
         let Connected {
             mut sink,
             mut stream,
+            codec,
             welcome,
         } = conn;
         let started = Instant::now();
         let opts = self.shared.opts.clone();
+        let store = Arc::clone(&self.shared.store);
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms.max(100));
         let idle = opts.idle_timeout.unwrap_or(heartbeat * 3);
         self.clock_sample(welcome.server_time_ms);
@@ -415,11 +404,11 @@ impl Engine {
             out: Vec::new(),
             pings: HashMap::new(),
             nonce: 0,
+            codec,
+            max_frame_bytes: welcome.max_frame_bytes,
         };
-        for p in self.publishers.values_mut() {
-            if let Err(e) = p.reset(&self.shared.store) {
-                return lost(e, false);
-            }
+        if let Err(e) = self.begin_publishers() {
+            return lost(e, false);
         }
         for start in welcome.branches {
             if let Err(e) = self.on_start(&mut s, &start) {
@@ -427,7 +416,7 @@ impl Engine {
             }
         }
         for b in self.shared.followed.clone() {
-            match self.shared.store.cursor(&b) {
+            match store.cursor(&b) {
                 Ok(None) if !self.resyncing.contains(&b) => self.start_snapshot(&mut s, b),
                 Ok(_) => {}
                 Err(e) => return lost(e, false),
@@ -438,20 +427,36 @@ impl Engine {
         let mut ping_tick = tokio::time::interval(heartbeat);
         let mut last_heard = Instant::now();
         let end = loop {
-            // Fill the publish windows.
+            // Fill the publish windows of every branch with an outbox, followed or not.
             let now = Instant::now();
             let held = self.held_branches();
-            for (b, p) in &mut self.publishers {
-                if held.contains(b) {
+            for b in store.outbox_branches() {
+                if held.contains(&b) {
                     continue;
                 }
-                for e in p.take(&self.shared.store, opts.publish_window, now) {
-                    s.out.push(ClientFrame::Publish(e.to_publish()));
+                // The hub closes the session on a frame over the limit its welcome gave
+                // (PROTOCOL.md §4); such a publish is quarantined instead of sent.
+                let limit = FrameLimit {
+                    codec: s.codec,
+                    max_bytes: s.max_frame_bytes,
+                };
+                match self
+                    .publisher(&b)
+                    .take(&store, opts.publish_window, now, Some(limit))
+                {
+                    Ok((events, outcomes)) => {
+                        self.report(&b, outcomes);
+                        s.out
+                            .extend(events.iter().map(|e| ClientFrame::Publish(e.to_publish())));
+                    }
+                    Err(e) => return lost(e, false),
                 }
             }
             if !s.out.is_empty() {
                 let frames = std::mem::take(&mut s.out);
                 let send = async {
+                    // Sent marks are on disk before a publish they cover leaves.
+                    store.sync_sent().await?;
                     for f in frames {
                         sink.feed(f).await?;
                     }
@@ -491,7 +496,7 @@ impl Engine {
                 _ = ack_tick.tick() => {
                     for b in std::mem::take(&mut s.ack_dirty) {
                         if s.subscribed.contains(&b) {
-                            if let Ok(Some(pos)) = self.shared.store.cursor(&b) {
+                            if let Ok(Some(pos)) = store.cursor(&b) {
                                 s.out.push(ClientFrame::Ack(Ack { branch: b, epoch: pos.epoch, seq: pos.seq }));
                             }
                         }
@@ -520,7 +525,7 @@ impl Engine {
                     }
                 }
                 cmd = self.cmds.recv() => {
-                    if let Some(end) = self.handle_command(cmd) {
+                    if let Some(end) = Self::handle_command(cmd) {
                         break end;
                     }
                 }
@@ -529,7 +534,8 @@ impl Engine {
         if matches!(end, End::Shutdown(_)) {
             let _ = timeout(Duration::from_secs(1), sink.close()).await;
         }
-        // Unfinished snapshots die with the session; the next one starts them again.
+        // Unfinished snapshots die with the session (their pages so far are kept in
+        // `Shared::downloads`); the next session resumes them.
         self.resyncing.clear();
         end
     }
@@ -674,7 +680,7 @@ impl Engine {
     fn apply_events(&mut self, branch: &Name, events: Vec<Event>) -> Result<Option<String>> {
         let last_seq = events.last().map(|e| e.seq);
         let applied = self.shared.store.apply_events(branch, events)?;
-        if !applied.updates.is_empty() {
+        if applied.applied > 0 {
             let end = self.shared.store.log_end();
             self.log_tx.send_replace(end);
         }
@@ -712,11 +718,16 @@ impl Engine {
         for o in outcomes {
             match o {
                 Outcome::Accepted {
-                    event_id, position, ..
+                    event_id,
+                    position,
+                    duplicate,
                 } => {
                     self.last_push_ms = Some(self.shared.clock.now());
-                    self.shared
-                        .notify(ClientEvent::Accepted { event_id, position });
+                    self.shared.notify(ClientEvent::Accepted {
+                        event_id,
+                        position,
+                        duplicate,
+                    });
                 }
                 Outcome::Quarantined(q) => {
                     tracing::warn!(%branch, event_id = %q.event.event_id, code = %q.code, "event quarantined");
@@ -738,6 +749,12 @@ impl Engine {
     }
 
     fn on_resync_required(&mut self, r: &ResyncRequired) {
+        // A half-downloaded snapshot of another epoch is of no use any more.
+        if self.shared.download(&r.branch, |d| {
+            d.position.is_some_and(|p| p.epoch != r.epoch)
+        }) {
+            self.shared.drop_download(&r.branch);
+        }
         self.heads.insert(r.branch.clone(), r.head);
         self.shared.notify(ClientEvent::ResyncRequired {
             branch: r.branch.clone(),
@@ -788,7 +805,8 @@ impl Engine {
     /// probe succeeds (in [`Transport::Auto`]), shutdown, or an auth failure.
     async fn polling(&mut self) -> End {
         let end = self.polling_inner().await;
-        // Unfinished snapshots die with the polling run; the next run starts them again.
+        // Unfinished snapshots die with the polling run (their pages so far are kept in
+        // `Shared::downloads`); the next run resumes them.
         self.resyncing.clear();
         end
     }
@@ -797,23 +815,23 @@ impl Engine {
         let opts = self.shared.opts.clone();
         let http = self.shared.http.clone();
         let store = Arc::clone(&self.shared.store);
-        if let Ok((sent, server, received)) = http.time().await {
-            let offset = self.shared.clock.sample(sent, server, received);
-            let _ = store.set_clock_offset(offset);
-        }
-        for p in self.publishers.values_mut() {
-            if let Err(e) = p.reset(&store) {
-                return lost(e, false);
-            }
+        if let Err(e) = self.begin_publishers() {
+            return lost(e, false);
         }
         let mut polls: FuturesUnordered<BoxFuture<'static, (Name, Result<Poll>)>> =
             FuturesUnordered::new();
         let mut snapshots: FuturesUnordered<SnapshotFuture> = FuturesUnordered::new();
         let mut push: Option<PushFuture> = None;
+        // The clock is measured at the start and after each failed probe; the probe is a
+        // WebSocket attempt. Both run inside the select below, so neither holds up polling,
+        // pushing or shutdown.
+        let mut clock: Option<TimeFuture> = Some(time_future(&http));
+        let mut probe: Option<BoxFuture<'static, Result<Connected>>> = None;
         let mut poll_attempts: HashMap<Name, u32> = HashMap::new();
         let mut caught_up: HashSet<Name> = HashSet::new();
         let probing = opts.transport == Transport::Auto;
-        let mut next_probe = Instant::now() + opts.probe_interval;
+        // Jittered, so that tills that fell back together do not probe together.
+        let mut next_probe = Instant::now() + jitter(opts.probe_interval);
         let mut push_single = false;
 
         let poll = |branch: Name, from: Position, wait: Duration, delay: Duration| {
@@ -848,16 +866,30 @@ impl Engine {
                     if held.contains(&branch) {
                         continue;
                     }
-                    let events = self.publisher(&branch).take(&store, batch, now);
+                    // No frame limit: a push is bounded by the hub's body limit, and a
+                    // single event over it is refused `message_too_big` (quarantined).
+                    let events = match self.publisher(&branch).take(&store, batch, now, None) {
+                        Ok((events, outcomes)) => {
+                            self.report(&branch, outcomes);
+                            events
+                        }
+                        Err(e) => return lost(e, false),
+                    };
                     if !events.is_empty() {
                         let n = events.len();
                         let http = http.clone();
+                        let store = Arc::clone(&store);
                         let time = self.shared.clock.now();
                         let publishes: Vec<_> = events.iter().map(|e| e.to_publish()).collect();
                         push = Some(
                             async move {
-                                let r =
-                                    http.push(&branch, time, publishes).await.map(|r| r.results);
+                                // Sent marks are on disk before the push leaves.
+                                let r = match store.sync_sent().await {
+                                    Ok(()) => {
+                                        http.push(&branch, time, publishes).await.map(|r| r.results)
+                                    }
+                                    Err(e) => Err(e),
+                                };
                                 (branch, n, r)
                             }
                             .boxed(),
@@ -931,84 +963,103 @@ impl Engine {
                         Err(e) => return auth_or_lost(e),
                     }
                 }
-                Some((branch, n, result)) = async { match push.as_mut() { Some(f) => Some(f.await), None => None } }, if push.is_some() => {
+                Some((branch, n, result)) = maybe(&mut push), if push.is_some() => {
                     push = None;
-                    match result {
-                        Ok(results) => {
-                            push_single = false;
-                            for r in results {
-                                if let Err(e) = self.on_answer(&branch, r) {
-                                    return lost(e, false);
-                                }
-                            }
-                            // Results for events the hub did not answer (a short list) are
-                            // unknown: resend them.
-                            let p = self.publisher(&branch);
-                            if p.in_flight() > 0 {
-                                if let Err(e) = p.reset(&store) {
-                                    return lost(e, false);
-                                }
-                            }
-                        }
+                    if let Err(e) = self.on_push(&branch, n, result, &mut push_single) {
+                        return e;
+                    }
+                }
+                Some(sample) = maybe(&mut clock), if clock.is_some() => {
+                    clock = None;
+                    if let Ok((sent, server, received)) = sample {
+                        let offset = self.shared.clock.sample(sent, server, received);
+                        let _ = store.set_clock_offset(offset);
+                    }
+                }
+                () = sleep_until(next_probe), if probing && probe.is_none() => {
+                    probe = Some(ws_attempt(Arc::clone(&self.shared)));
+                }
+                Some(attempt) = maybe(&mut probe), if probe.is_some() => {
+                    probe = None;
+                    match attempt {
+                        Ok(conn) => return End::Probe(Box::new(conn)),
                         Err(e) if e.is_auth() => return auth_or_lost(e),
-                        Err(Error::Hub { code, message, .. }) if code.is_permanent() && n > 1 => {
-                            // The batch as a whole was refused (too big, say): find the
-                            // culprit by sending one at a time.
-                            tracing::warn!(%branch, %code, %message, "batch push refused; pushing one by one");
-                            push_single = true;
-                            if let Err(e) = self.publisher(&branch).reset(&store) {
-                                return lost(e, false);
-                            }
-                        }
-                        Err(Error::Hub { code, message, .. }) if code.is_permanent() => {
-                            let first = store.unaccepted(&branch, None, 1);
-                            if let Some(e) = first.first() {
-                                let rejected = branchline_protocol::Rejected {
-                                    event_id: Some(e.event_id),
-                                    branch: Some(branch.clone()),
-                                    code,
-                                    message,
-                                    expected_device_seq: None,
-                                    conflict: None,
-                                };
-                                if let Err(e) = self.on_answer(&branch, PushResult::Rejected(rejected)) {
-                                    return lost(e, false);
-                                }
-                            }
-                            push_single = false;
-                        }
                         Err(e) => {
-                            self.last_error = Some(e.to_string());
-                            let backoff = opts.backoff.clone();
-                            if let Err(e) = self.publisher(&branch).fail(&store, &backoff, Instant::now()) {
-                                return lost(e, false);
-                            }
+                            tracing::debug!(reason = %e, "WebSocket probe failed; still polling");
+                            next_probe = Instant::now() + jitter(opts.probe_interval);
+                            clock = Some(time_future(&http));
                         }
                     }
                 }
                 () = self.shared.outbox_changed.notified() => {}
                 () = sleep_until(retry_at.unwrap_or_else(Instant::now)), if retry_at.is_some() => {}
-                () = sleep_until(next_probe), if probing => {
-                    match self.connect_ws().await {
-                        Ok(conn) => return End::Probe(Box::new(conn)),
-                        Err(End::Lost { reason, .. }) => {
-                            tracing::debug!(%reason, "WebSocket probe failed; still polling");
-                            next_probe = Instant::now() + opts.probe_interval;
-                            if let Ok((sent, server, received)) = http.time().await {
-                                let offset = self.shared.clock.sample(sent, server, received);
-                                let _ = store.set_clock_offset(offset);
-                            }
-                        }
-                        Err(end) => return end,
-                    }
-                }
                 cmd = self.cmds.recv() => {
-                    if let Some(end) = self.handle_command(cmd) {
+                    if let Some(end) = Self::handle_command(cmd) {
                         return end;
                     }
                 }
             }
         }
+    }
+
+    /// Handles the outcome of a batch push. `Err` ends the polling run.
+    fn on_push(
+        &mut self,
+        branch: &Name,
+        n: usize,
+        result: Result<Vec<PushResult>>,
+        push_single: &mut bool,
+    ) -> Result<(), End> {
+        let store = Arc::clone(&self.shared.store);
+        match result {
+            Ok(results) => {
+                *push_single = false;
+                for r in results {
+                    self.on_answer(branch, r).map_err(|e| lost(e, false))?;
+                }
+                // Results for events the hub did not answer (a short list) are unknown:
+                // resend them.
+                if self.publisher(branch).in_flight() > 0 {
+                    self.reset_publisher(branch).map_err(|e| lost(e, false))?;
+                }
+            }
+            // A permanent refusal of the whole request is a refusal of the events in it
+            // (`forbidden`: the token does not allow the branch; `message_too_big`…): they
+            // are quarantined, one at a time to find each culprit. This comes before the
+            // credentials case, which is only `unauthorized`/`token_expired` here.
+            Err(Error::Hub { code, message, .. }) if code.is_permanent() && n > 1 => {
+                tracing::warn!(%branch, %code, %message, "batch push refused; pushing one by one");
+                *push_single = true;
+                self.reset_publisher(branch).map_err(|e| lost(e, false))?;
+            }
+            Err(Error::Hub { code, message, .. }) if code.is_permanent() => {
+                let sent = self.publisher(branch).in_flight_ids();
+                if let Some(id) = sent.first() {
+                    let rejected = Rejected {
+                        event_id: Some(*id),
+                        branch: Some(branch.clone()),
+                        code,
+                        message,
+                        expected_device_seq: None,
+                        conflict: None,
+                    };
+                    self.on_answer(branch, PushResult::Rejected(rejected))
+                        .map_err(|e| lost(e, false))?;
+                }
+                *push_single = false;
+            }
+            Err(e) if e.is_auth() => return Err(auth_or_lost(e)),
+            Err(e) => {
+                self.last_error = Some(e.to_string());
+                let backoff = self.shared.opts.backoff.clone();
+                let outcomes = self
+                    .publisher(branch)
+                    .fail(&store, &backoff, Instant::now())
+                    .map_err(|e| lost(e, false))?;
+                self.report(branch, outcomes);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1023,6 +1074,81 @@ struct Session {
     /// Ping nonce → device time sent.
     pings: HashMap<u64, i64>,
     nonce: u64,
+    /// The encoding the hub selected.
+    codec: Codec,
+    /// The largest frame the hub takes (from `welcome`).
+    max_frame_bytes: u64,
+}
+
+/// Awaits an optional future (for `select!` arms guarded by `is_some()`).
+async fn maybe<T>(f: &mut Option<BoxFuture<'static, T>>) -> Option<T> {
+    match f.as_mut() {
+        Some(f) => Some(f.await),
+        None => None,
+    }
+}
+
+fn time_future(http: &HttpApi) -> TimeFuture {
+    let http = http.clone();
+    async move { http.time().await }.boxed()
+}
+
+/// One WebSocket attempt: connect, say hello (resuming every followed branch with a
+/// position) and wait for `welcome`, all within the connect timeout. A free future, so
+/// that polling can run it as its probe without holding the engine.
+fn ws_attempt(shared: Arc<Shared>) -> BoxFuture<'static, Result<Connected>> {
+    async move {
+        let opts = &shared.opts;
+        let limit = opts.connect_timeout;
+        let attempt = async {
+            let (mut sink, mut stream, codec) = ws::connect(
+                &shared.endpoints.ws,
+                opts.codec,
+                branchline_protocol::DEFAULT_MAX_FRAME_BYTES,
+            )
+            .await?;
+            let mut subscriptions = Vec::new();
+            for b in &shared.followed {
+                if let Some(pos) = shared.store.cursor(b)? {
+                    subscriptions.push(Subscription {
+                        branch: b.clone(),
+                        from: Some(pos),
+                    });
+                }
+            }
+            let hello = ClientFrame::Hello(Hello {
+                protocol: branchline_protocol::PROTOCOL_VERSION,
+                token: shared.token(),
+                tenant: shared.tenant.clone(),
+                device: shared.device.clone(),
+                client_time_ms: shared.clock.now(),
+                subscriptions,
+                agent: Some(opts.agent.clone()),
+            });
+            sink.send(hello).await?;
+            match ws::next_frame(&mut stream, limit).await? {
+                ServerFrame::Welcome(welcome) => Ok(Connected {
+                    sink,
+                    stream,
+                    codec,
+                    welcome,
+                }),
+                ServerFrame::Error(e) => Err(Error::Hub {
+                    status: e.code.http_status(),
+                    code: e.code,
+                    message: e.message,
+                }),
+                other => Err(Error::Network(format!(
+                    "expected welcome, got {}",
+                    other.type_name()
+                ))),
+            }
+        };
+        timeout(limit, attempt)
+            .await
+            .unwrap_or_else(|_| Err(Error::Network(format!("no welcome within {limit:?}"))))
+    }
+    .boxed()
 }
 
 fn lost(e: impl std::fmt::Display, lived: bool) -> End {
@@ -1032,47 +1158,65 @@ fn lost(e: impl std::fmt::Display, lived: bool) -> End {
     }
 }
 
+/// A refused token ([`Error::is_auth`]) waits for a new one; anything else is retried.
 fn auth_or_lost(e: Error) -> End {
+    if !e.is_auth() {
+        return lost(e, false);
+    }
     match e {
-        Error::Hub { code, message, .. }
-            if matches!(
-                code,
-                ErrorCode::Unauthorized
-                    | ErrorCode::TokenExpired
-                    | ErrorCode::Forbidden
-                    | ErrorCode::UnsupportedVersion
-            ) =>
-        {
-            End::Auth { code, message }
-        }
+        Error::Hub { code, message, .. } => End::Auth { code, message },
         other => lost(other, false),
     }
 }
 
 /// Downloads a whole snapshot, retrying network failures with backoff; progress goes to the
-/// status watch.
+/// status watch. Pages are added to the branch's entry in [`Shared::downloads`] as they
+/// come, so a download that is cut (this future dropped with its session, or a request
+/// failing) resumes from the last page token; only an expired token (410
+/// `snapshot_expired`) starts it over.
 fn snapshot_future(shared: Arc<Shared>, branch: Name) -> SnapshotFuture {
     async move {
+        let progress = |(received, total): (u64, u64)| {
+            let branch = branch.clone();
+            shared.status.send_modify(|s| {
+                s.state = SyncState::Resyncing;
+                s.snapshot = Some(SnapshotProgress {
+                    branch,
+                    received,
+                    total,
+                });
+            });
+        };
         let mut attempt = 0;
         loop {
-            let progress = |received: u64, total: u64| {
-                shared.status.send_modify(|s| {
-                    s.state = SyncState::Resyncing;
-                    s.snapshot = Some(SnapshotProgress {
-                        branch: branch.clone(),
-                        received,
-                        total,
-                    });
-                });
-            };
-            progress(0, 0);
+            let (token, counts) =
+                shared.download(&branch, |d| (d.next_page.clone(), (d.received, d.total)));
+            progress(counts);
             match shared
                 .http
-                .snapshot(&branch, shared.opts.snapshot_page, &progress)
+                .snapshot_page(&branch, token.as_deref(), shared.opts.snapshot_page)
                 .await
             {
-                Ok(s) => return (branch, Ok(s)),
-                Err(e) if e.is_auth() => return (branch, Err(e)),
+                Ok(page) => {
+                    attempt = 0;
+                    let (done, counts) = shared.download(&branch, |d| {
+                        d.add(page);
+                        (d.is_complete(), (d.received, d.total))
+                    });
+                    progress(counts);
+                    if done {
+                        let snap = shared.drop_download(&branch).unwrap_or_default();
+                        return (branch.clone(), Ok(snap));
+                    }
+                }
+                Err(Error::Hub {
+                    code: ErrorCode::SnapshotExpired,
+                    ..
+                }) => {
+                    tracing::info!(%branch, "snapshot page token expired; starting over");
+                    shared.drop_download(&branch);
+                }
+                Err(e) if e.is_auth() => return (branch.clone(), Err(e)),
                 Err(e) => {
                     attempt += 1;
                     shared.notify(ClientEvent::Error {

@@ -37,6 +37,17 @@ pub enum Error {
     /// not recorded. Fatal to the call; fix the event.
     #[error("invalid event: {0}")]
     InvalidEvent(String),
+    /// The event is larger than [`ClientOptions::max_event_bytes`] allows: the hub would
+    /// close the connection on it. Fatal to the call; nothing was recorded.
+    ///
+    /// [`ClientOptions::max_event_bytes`]: crate::ClientOptions::max_event_bytes
+    #[error("the event's publish frame is {size} bytes, over the limit of {limit}")]
+    EventTooBig {
+        /// Its encoded size, as sent (with the largest possible `device_seq`).
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// A value could not be encoded (a `custom` payload outside the wire data model). Fatal to
     /// the call.
     #[error(transparent)]
@@ -74,7 +85,9 @@ pub enum Error {
 
 impl Error {
     /// Whether the hub refused the token or the request's scope: retrying with the same
-    /// token cannot succeed (PROTOCOL.md §13: do not reconnect after 4001, 4003, 4004).
+    /// token cannot succeed (PROTOCOL.md §13: do not reconnect after 4001, 4003, 4004). A
+    /// batch push refused `forbidden` is not handled as this case by the SDK: it is a
+    /// permanent refusal of the events in it, which are quarantined.
     pub fn is_auth(&self) -> bool {
         matches!(
             self,

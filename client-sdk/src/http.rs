@@ -25,12 +25,45 @@ pub(crate) enum Poll {
     Resync(ResyncRequired),
 }
 
-/// A complete snapshot of a branch, assembled from its pages.
+/// A snapshot of a branch, assembled from its pages: complete once the last page is in.
 #[derive(Debug, Default)]
 pub(crate) struct Snapshot {
+    /// Where every page is pinned (`None` before the first page).
     pub position: Option<Position>,
     pub products: Vec<ProductRecord>,
     pub stock: Vec<StockLevel>,
+    /// The token of the next page; `None` before the first page and after the last.
+    pub next_page: Option<String>,
+    /// Items received so far.
+    pub received: u64,
+    /// Items in the whole snapshot (0 before the first page).
+    pub total: u64,
+}
+
+impl Snapshot {
+    /// Adds the next page. A page pinned elsewhere than those before it (the hub broke its
+    /// pinning promise) starts the snapshot over rather than mix two states.
+    pub fn add(&mut self, page: SnapshotPage) {
+        let pos = Position::new(page.epoch, page.at_seq);
+        if self.position.is_some_and(|p| p != pos) {
+            tracing::warn!(branch = %page.branch, "snapshot pages disagree on at_seq; restarting");
+            *self = Snapshot::default();
+            return;
+        }
+        self.position = Some(pos);
+        self.received += page.items.len() as u64;
+        self.total = page.total_items;
+        for item in page.items {
+            self.products.extend(item.product);
+            self.stock.extend(item.stock);
+        }
+        self.next_page = page.next_page_token;
+    }
+
+    /// Whether every page is in.
+    pub fn is_complete(&self) -> bool {
+        self.position.is_some() && self.next_page.is_none()
+    }
 }
 
 /// An HTTP client for one hub, tenant and token. Cheap to clone.
@@ -192,54 +225,6 @@ impl HttpApi {
         self.send(req, Duration::from_secs(10)).await
     }
 
-    /// Every page of a snapshot, pinned to one `at_seq`. `progress(received, total)` is
-    /// called after each page. An expired page token restarts the snapshot from its first
-    /// page (PROTOCOL.md §11).
-    pub async fn snapshot(
-        &self,
-        branch: &Name,
-        page: usize,
-        progress: &(dyn Fn(u64, u64) + Send + Sync),
-    ) -> Result<Snapshot> {
-        'restart: loop {
-            let mut snap = Snapshot::default();
-            let mut token: Option<String> = None;
-            let mut received = 0u64;
-            loop {
-                let p = match self.snapshot_page(branch, token.as_deref(), page).await {
-                    Ok(p) => p,
-                    Err(Error::Hub {
-                        code: ErrorCode::SnapshotExpired,
-                        ..
-                    }) => continue 'restart,
-                    Err(e) => return Err(e),
-                };
-                let pos = Position::new(p.epoch, p.at_seq);
-                if snap.position.is_some_and(|q| q != pos) {
-                    // A page of another snapshot: the hub broke its pinning promise. Start
-                    // again rather than mix two states.
-                    tracing::warn!(%branch, "snapshot pages disagree on at_seq; restarting");
-                    continue 'restart;
-                }
-                snap.position = Some(pos);
-                received += p.items.len() as u64;
-                for item in p.items {
-                    if let Some(prod) = item.product {
-                        snap.products.push(prod);
-                    }
-                    if let Some(s) = item.stock {
-                        snap.stock.push(s);
-                    }
-                }
-                progress(received, p.total_items);
-                match p.next_page_token {
-                    Some(t) => token = Some(t),
-                    None => return Ok(snap),
-                }
-            }
-        }
-    }
-
     /// `GET …/branches/{tenant}/{branch}`.
     pub async fn branch_status(&self, branch: &Name) -> Result<BranchStatus> {
         let req = self
@@ -293,6 +278,46 @@ fn code_for_status(status: u16) -> ErrorCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn page(at_seq: u64, skus: &[&str], next: Option<&str>) -> SnapshotPage {
+        SnapshotPage {
+            branch: Name::new("b1").unwrap(),
+            epoch: branchline_protocol::Epoch(7),
+            at_seq,
+            total_items: 3,
+            items: skus
+                .iter()
+                .map(|s| branchline_protocol::http::SnapshotItem {
+                    product: None,
+                    stock: Some(StockLevel::new(
+                        branchline_protocol::Sku::new(*s).unwrap(),
+                        1,
+                    )),
+                })
+                .collect(),
+            next_page_token: next.map(str::to_string),
+            expires_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn a_snapshot_is_assembled_page_by_page_and_starts_over_if_the_pin_moves() {
+        let mut snap = Snapshot::default();
+        assert!(!snap.is_complete());
+        snap.add(page(40, &["A", "B"], Some("t1")));
+        assert_eq!((snap.received, snap.total), (2, 3));
+        assert_eq!(snap.next_page.as_deref(), Some("t1"));
+        assert!(!snap.is_complete());
+        // A page pinned elsewhere: never mixed in.
+        snap.add(page(41, &["C"], None));
+        assert_eq!(snap.position, None);
+        assert!(snap.stock.is_empty() && snap.next_page.is_none());
+        snap.add(page(41, &["A", "B"], Some("t2")));
+        snap.add(page(41, &["C"], None));
+        assert!(snap.is_complete());
+        assert_eq!(snap.stock.len(), 3);
+        assert_eq!(snap.position.map(|p| p.seq), Some(41));
+    }
 
     #[test]
     fn problems_become_typed_errors() {

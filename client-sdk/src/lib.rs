@@ -88,32 +88,41 @@
 //! - `clock`: device-to-hub clock offset, used to stamp events.
 //!
 //! ## Data flow
-//! `publish` → outbox (sled, flushed) → task sends `publish` frames (or a batch push) →
-//! `accepted` marks the entry; the sequenced `event` arrives → applied to the replica by its
-//! `effect` and the position advanced, atomically → appended to the local log →
-//! [`Client::events`] streams yield it.
+//! `publish` → outbox (sled, flushed) → task marks the entry sent (flushed) and sends
+//! `publish` frames (or a batch push) → `accepted` marks the entry; the sequenced `event`
+//! arrives → applied to the replica by its `effect` and the position advanced, atomically →
+//! appended to the local log → [`Client::events`] streams yield it.
 //!
 //! ## Guarantees and limits
 //! - **Nothing lost**: `publish` returns after the outbox write is flushed to disk
 //!   ([`ClientOptions::durable_publish`]). Entries leave the outbox only when their event is
-//!   in the replica (or, for branches not followed, when the hub accepted them).
+//!   in the replica (or, for branches not followed, when the hub accepted them). Publishing
+//!   to a branch the token allows but the client does not follow works over both
+//!   transports.
 //! - **Nothing doubled**: retries reuse the `event_id`; the hub answers a retry with the
 //!   original seq. Renumbering (after a quarantine, `out_of_order` or `device_seq_reused`)
-//!   changes `device_seq` only, never the `event_id`.
+//!   changes `device_seq` only, never the `event_id`, and never raises the number of an
+//!   event that was sent before: the hub may have applied it and, once it left the hub's
+//!   log, forgotten it. Such an event is quarantined `device_seq_reused` instead (see
+//!   [`Client::retry_quarantined`]).
 //! - **In order, gap-free**: events are applied only as `seq = position + 1`; a gap or an
 //!   epoch change drops the connection and resumes from the stored position.
-//! - **Quarantine**: an event the hub refuses permanently ([`protocol::ErrorCode::is_permanent`])
-//!   is set aside; the events behind it are renumbered and go on. The app lists it with
-//!   [`Client::quarantined`] and retries or drops it.
+//! - **Quarantine**: an event the hub refuses permanently ([`protocol::ErrorCode::is_permanent`],
+//!   including a batch push refused `forbidden`, and a publish over the frame limit the
+//!   hub's `welcome` announced, quarantined `message_too_big` without being sent) is set
+//!   aside; the events behind it are renumbered and go on. The
+//!   app lists it with [`Client::quarantined`] and retries or drops it. An event over
+//!   [`ClientOptions::max_event_bytes`] is refused by `publish` itself.
 //! - **Resync**: a branch the hub cannot resume is rebuilt from a paged snapshot (held in
 //!   memory until complete, then written in one batch: sized for catalogs of up to a few
-//!   hundred thousand SKUs). The outbox is kept.
+//!   hundred thousand SKUs). A download cut by a lost connection resumes from its last
+//!   page. The outbox is kept.
 //! - **One store, one client**: a store directory is locked by the client that opened it.
 //!   [`EventStream`]s keep the store open until they are dropped.
 //! - The replica's pending overlay is an estimate (see [`replica`]); the confirmed state is
-//!   exactly the hub's.
-//! - Plain `http://`/`ws://` only: the SDK is built without TLS (terminate TLS in front of
-//!   the hub, or on a local proxy).
+//!   exactly the hub's. Reads take the confirmed part and the pending part together.
+//! - Plain `http://`/`ws://` only: the SDK is built without TLS, and refuses `https://` and
+//!   `wss://` URLs (terminate TLS in front of the hub, or on a local proxy).
 #![warn(missing_docs)]
 
 pub mod backoff;

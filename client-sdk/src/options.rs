@@ -57,6 +57,7 @@ pub struct ClientOptions {
     pub(crate) local_log_capacity: u64,
     pub(crate) ack_interval: Duration,
     pub(crate) durable_publish: bool,
+    pub(crate) max_event_bytes: usize,
     pub(crate) agent: String,
 }
 
@@ -82,6 +83,7 @@ impl Default for ClientOptions {
             local_log_capacity: 10_000,
             ack_interval: Duration::from_millis(250),
             durable_publish: true,
+            max_event_bytes: branchline_protocol::DEFAULT_MAX_FRAME_BYTES,
             agent: format!("branchline-client/{}", env!("CARGO_PKG_VERSION")),
         }
     }
@@ -168,8 +170,10 @@ impl ClientOptions {
         self
     }
 
-    /// Consecutive WebSocket failures (no `welcome`) before switching to HTTP polling.
-    /// Default 3.
+    /// Consecutive WebSocket failures before switching to HTTP polling. A failure is a
+    /// connection that got no `welcome`, or a session that ended within 10 seconds (a socket
+    /// that connects but cannot be held); only a session that lasts longer resets the
+    /// count. Default 3.
     pub fn websocket_failures_before_polling(mut self, n: u32) -> Self {
         self.websocket_failures_before_polling = n.max(1);
         self
@@ -181,7 +185,9 @@ impl ClientOptions {
         self
     }
 
-    /// How often polling mode tries the WebSocket again. Default 30 s.
+    /// How often polling mode tries the WebSocket again. Default 30 s. Each wait is
+    /// jittered to between half and one and a half times this, so that tills that fell back
+    /// together do not probe together; polling goes on while a probe is under way.
     pub fn probe_interval(mut self, every: Duration) -> Self {
         self.probe_interval = every;
         self
@@ -231,6 +237,20 @@ impl ClientOptions {
         self
     }
 
+    /// The largest event [`Client::publish`] records, measured as its encoded `publish`
+    /// frame in the configured codec, with the largest possible `device_seq` so that no
+    /// renumbering can push it over. Bigger events are refused with
+    /// [`Error::EventTooBig`] before they take a `device_seq`. Default 1 MiB, the hub's
+    /// default frame limit (PROTOCOL.md §14): the frame is the whole WebSocket message,
+    /// envelope included, so nothing else needs room. Raise it only for a hub configured
+    /// with a larger limit; an event over the hub's limit that reaches the outbox anyway is
+    /// quarantined `message_too_big` before it is sent over a WebSocket (the hub announces
+    /// its limit in `welcome`, and would close the session on the frame).
+    pub fn max_event_bytes(mut self, n: usize) -> Self {
+        self.max_event_bytes = n;
+        self
+    }
+
     /// The client name sent in `hello`, for the hub's logs.
     pub fn agent(mut self, agent: impl Into<String>) -> Self {
         self.agent = agent.into();
@@ -238,7 +258,9 @@ impl ClientOptions {
     }
 
     /// Opens the store and starts the background task. `url` is the hub's address:
-    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`.
+    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`. `https://` and
+    /// `wss://` are refused: the SDK is built without TLS (terminate TLS in front of the
+    /// hub, or on a local proxy the till talks plain HTTP to).
     ///
     /// Returns at once, even offline: connecting happens in the background. Fails only for
     /// bad settings or a store that cannot be opened.
@@ -266,19 +288,19 @@ impl Endpoints {
         if authority.is_empty() {
             return Err(Error::Config(format!("{url:?} has no host")));
         }
-        let (ws, http) = match scheme {
-            "ws" | "http" => ("ws", "http"),
-            "wss" | "https" => ("wss", "https"),
-            other => {
-                return Err(Error::Config(format!(
-                    "unsupported scheme {other:?}: use http://, https://, ws:// or wss://"
-                )));
-            }
-        };
-        Ok(Self {
-            ws: format!("{ws}://{authority}/v1/ws"),
-            http: format!("{http}://{authority}"),
-        })
+        match scheme {
+            "ws" | "http" => Ok(Self {
+                ws: format!("ws://{authority}/v1/ws"),
+                http: format!("http://{authority}"),
+            }),
+            "wss" | "https" => Err(Error::Config(format!(
+                "{url:?} needs TLS, which this SDK is built without: terminate TLS in front \
+                 of the hub (or on a local proxy) and connect with http:// or ws://"
+            ))),
+            other => Err(Error::Config(format!(
+                "unsupported scheme {other:?}: use http:// or ws://"
+            ))),
+        }
     }
 }
 
@@ -317,7 +339,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_accept_http_or_ws_urls() {
+    fn endpoints_accept_http_or_ws_urls_and_refuse_tls_ones() {
         let want = Endpoints {
             ws: "ws://127.0.0.1:7400/v1/ws".into(),
             http: "http://127.0.0.1:7400".into(),
@@ -326,6 +348,13 @@ mod tests {
         assert_eq!(Endpoints::parse("http://127.0.0.1:7400/").unwrap(), want);
         assert_eq!(Endpoints::parse("ws://127.0.0.1:7400/v1/ws").unwrap(), want);
         assert!(Endpoints::parse("127.0.0.1:7400").is_err());
+        // No TLS in this build: refused with a reason, not failing later at connect.
+        for url in ["https://hub.example:7400", "wss://hub.example:7400/v1/ws"] {
+            match Endpoints::parse(url) {
+                Err(Error::Config(why)) => assert!(why.contains("TLS"), "{why}"),
+                other => panic!("{url}: {other:?}"),
+            }
+        }
         assert!(Endpoints::parse("ftp://x").is_err());
         assert!(Endpoints::parse("http://").is_err());
     }

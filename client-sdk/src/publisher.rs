@@ -8,12 +8,20 @@
 //! publisher *halts* at the first refusal, lets the in-flight answers drain (accepting any
 //! that were accepted — duplicates can be), fixes the numbering once, and resends from the
 //! first unaccepted event.
+//!
+//! The rule that keeps renumbering from doubling an event: before the first send the hub
+//! could apply (a `device_seq` above the last one the hub is known to have applied), the
+//! entry is marked `sent` on disk, and a sent entry is never given a higher number (see
+//! [`Store::renumber`]). The hub keeps an event's id for deduplication only while the event
+//! is in its log; after that, a sent event whose answer was lost would be refused as
+//! `device_seq_reused` whether or not it was applied, and renumbering it upward could apply
+//! it a second time. Such an event is quarantined instead.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use branchline_protocol::http::PushResult;
-use branchline_protocol::{ErrorCode, Name, Position, Rejected};
+use branchline_protocol::{ClientFrame, Codec, ErrorCode, Name, Position, Rejected};
 use tokio::time::Instant;
 use uuid::Uuid;
 
@@ -24,7 +32,7 @@ use crate::store::{PendingEvent, QuarantinedEvent, Store};
 /// What an answer led to, for status and notifications.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Outcome {
-    /// The hub sequenced the event.
+    /// The hub sequenced the event (`duplicate`: it had already, this was a retry).
     Accepted {
         event_id: Uuid,
         position: Position,
@@ -38,10 +46,20 @@ pub(crate) enum Outcome {
     Backoff { code: ErrorCode, delay: Duration },
 }
 
+/// The largest frame a transport takes (a WebSocket session: the hub's `max_frame_bytes`
+/// from `welcome`), in the encoding it speaks.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct FrameLimit {
+    pub codec: Codec,
+    pub max_bytes: u64,
+}
+
 #[derive(Debug)]
 struct InFlight {
     event_id: Uuid,
     device_seq: u64,
+    /// Whether the entry was already marked sent before this send.
+    sent_before: bool,
 }
 
 /// The publishing state of one branch.
@@ -59,6 +77,12 @@ pub(crate) struct Publisher {
     reused: bool,
     /// The `device_seq` the hub expects next, as far as we know.
     known_next: Option<u64>,
+    /// A lower bound of the last `device_seq` the hub applied from us, learnt on this
+    /// connection (from the branch start and the answers). A send numbered at or below it
+    /// cannot be applied, so it does not mark the entry sent.
+    hub_last: Option<u64>,
+    /// Entries of this round whose first send that could be applied was refused.
+    refused: HashSet<Uuid>,
     retry_at: Option<Instant>,
     attempt: u32,
 }
@@ -73,6 +97,8 @@ impl Publisher {
             needs_renumber: false,
             reused: false,
             known_next: None,
+            hub_last: None,
+            refused: HashSet::new(),
             retry_at: None,
             attempt: 0,
         }
@@ -81,6 +107,11 @@ impl Publisher {
     /// Whether `event_id` is awaiting an answer here.
     pub fn is_in_flight(&self, event_id: Uuid) -> bool {
         self.inflight.iter().any(|f| f.event_id == event_id)
+    }
+
+    /// The events awaiting an answer, in send order.
+    pub fn in_flight_ids(&self) -> Vec<Uuid> {
+        self.inflight.iter().map(|f| f.event_id).collect()
     }
 
     /// Events in flight.
@@ -96,20 +127,55 @@ impl Publisher {
     /// The hub told us its last applied `device_seq` (welcome / subscribed).
     pub fn set_last_device_seq(&mut self, store: &Store, last: u64) -> Result<()> {
         self.known_next = Some(last + 1);
+        self.hub_last = Some(last);
         store.align_counter(&self.branch, last)
     }
 
-    /// The next events to send, filling the window up to `window` in flight.
-    pub fn take(&mut self, store: &Store, window: usize, now: Instant) -> Vec<PendingEvent> {
+    fn learn_hub_last(&mut self, last: u64) {
+        self.hub_last = Some(self.hub_last.map_or(last, |l| l.max(last)));
+    }
+
+    /// The next events to send, filling the window up to `window` in flight. Entries the
+    /// hub could apply are marked sent first; the caller must [`Store::sync_sent`] before
+    /// they leave. With a `limit`, an entry whose `publish` frame is over it is quarantined
+    /// `message_too_big` instead of sent (the hub would close the session on it, and on
+    /// every next one), and the round halts there as at a refusal, so the entries behind
+    /// it are renumbered into its unused `device_seq`.
+    pub fn take(
+        &mut self,
+        store: &Store,
+        window: usize,
+        now: Instant,
+        limit: Option<FrameLimit>,
+    ) -> Result<(Vec<PendingEvent>, Vec<Outcome>)> {
+        let mut out = Vec::new();
         if self.halted || self.retry_at.is_some_and(|t| t > now) {
-            return Vec::new();
+            return Ok((Vec::new(), out));
         }
         self.retry_at = None;
         let room = window.saturating_sub(self.inflight.len());
         if room == 0 {
-            return Vec::new();
+            return Ok((Vec::new(), out));
         }
-        let batch = store.unaccepted(&self.branch, self.last_sent, room);
+        let mut batch = store.unaccepted(&self.branch, self.last_sent, room);
+        if let Some(limit) = limit {
+            if let Some((i, refusal)) = oversized(&batch, limit)? {
+                let culprit = batch.split_off(i);
+                if let Some(q) = store.quarantine(culprit[0].event_id, &refusal)? {
+                    out.push(Outcome::Quarantined(Box::new(q)));
+                }
+                self.halted = true;
+                self.needs_renumber = true;
+            }
+        }
+        let may_apply = |e: &&PendingEvent| self.hub_last.is_none_or(|l| e.device_seq > l);
+        let marks: Vec<u64> = batch
+            .iter()
+            .filter(|e| !e.sent)
+            .filter(may_apply)
+            .map(PendingEvent::order)
+            .collect();
+        store.mark_sent(&self.branch, &marks)?;
         if let Some(first) = batch.first() {
             self.known_next.get_or_insert(first.device_seq);
         }
@@ -117,10 +183,14 @@ impl Publisher {
             self.inflight.push_back(InFlight {
                 event_id: e.event_id,
                 device_seq: e.device_seq,
+                sent_before: e.sent,
             });
             self.last_sent = Some(e.order());
         }
-        batch
+        if self.halted && self.inflight.is_empty() {
+            self.resolve(store, &mut out)?;
+        }
+        Ok((batch, out))
     }
 
     /// Handles one answer. `followed`: whether the branch's events will arrive (so accepted
@@ -154,6 +224,7 @@ impl Publisher {
                 if let Some(f) = &sent {
                     if !a.duplicate {
                         self.known_next = Some(f.device_seq + 1);
+                        self.learn_hub_last(f.device_seq);
                     }
                 }
                 if !self.halted {
@@ -166,10 +237,14 @@ impl Publisher {
                 });
             }
             PushResult::Rejected(r) => {
-                if sent.is_none() && event_id.is_some() {
+                let Some(f) = sent else {
                     // An answer to a send from an earlier round (before a reconnect): its
                     // refusal is stale. Accepted answers are always applied, above.
                     return Ok(out);
+                };
+                if !f.sent_before {
+                    // Its one send that could have been applied was refused: it never was.
+                    self.refused.insert(f.event_id);
                 }
                 self.on_rejected(store, &r, event_id, backoff, now, &mut out)?;
             }
@@ -193,6 +268,7 @@ impl Publisher {
         self.halted = true;
         if let Some(e) = r.expected_device_seq {
             self.known_next = Some(e);
+            self.learn_hub_last(e.saturating_sub(1));
         }
         match r.code {
             code if code.is_permanent() => {
@@ -205,6 +281,8 @@ impl Publisher {
             }
             ErrorCode::OutOfOrder => self.needs_renumber = true,
             ErrorCode::DeviceSeqReused => {
+                // Never-sent entries are renumbered from the expected value; sent ones the
+                // hub has moved past are quarantined (`Store::renumber`).
                 self.needs_renumber = true;
                 // Only the first refusal of a round is news; later ones follow from it.
                 self.reused |= first_refusal;
@@ -229,35 +307,78 @@ impl Publisher {
                     .first()
                     .map_or(1, |e| e.device_seq),
             };
-            let changed = store.renumber(&self.branch, from)?;
-            if self.reused && changed > 0 {
+            let done = store.renumber(&self.branch, from, &self.refused)?;
+            out.extend(
+                done.quarantined
+                    .into_iter()
+                    .map(|q| Outcome::Quarantined(Box::new(q))),
+            );
+            if self.reused && done.changed > 0 {
                 out.push(Outcome::Renumbered { from });
             }
         }
         self.halted = false;
         self.needs_renumber = false;
         self.reused = false;
+        self.refused.clear();
         self.last_sent = None;
         Ok(())
     }
 
-    /// The connection was lost or a push failed: nothing in flight will be answered. The
+    /// Nothing in flight will be answered (the connection was lost, or a push failed). The
     /// next round starts from the first unaccepted entry (resending is safe: the hub
     /// deduplicates by event id).
-    pub fn reset(&mut self, store: &Store) -> Result<()> {
+    pub fn reset(&mut self, store: &Store) -> Result<Vec<Outcome>> {
         self.inflight.clear();
-        let mut ignored = Vec::new();
-        self.resolve(store, &mut ignored)
+        let mut out = Vec::new();
+        self.resolve(store, &mut out)?;
+        Ok(out)
+    }
+
+    /// A new connection: [`Publisher::reset`], and forget what the last one taught about
+    /// the hub's counter (the next branch start or answer says it again).
+    pub fn begin(&mut self, store: &Store) -> Result<Vec<Outcome>> {
+        self.hub_last = None;
+        self.reset(store)
     }
 
     /// A whole push failed for a transient reason: reset and back off.
-    pub fn fail(&mut self, store: &Store, backoff: &Backoff, now: Instant) -> Result<Duration> {
-        self.reset(store)?;
+    pub fn fail(&mut self, store: &Store, backoff: &Backoff, now: Instant) -> Result<Vec<Outcome>> {
+        let out = self.reset(store)?;
         self.attempt += 1;
         let delay = backoff.delay(self.attempt);
         self.retry_at = Some(now + delay);
-        Ok(delay)
+        Ok(out)
     }
+}
+
+/// The first entry of `batch` whose `publish` frame is over `limit`: its index, and the
+/// refusal to quarantine it with.
+fn oversized(batch: &[PendingEvent], limit: FrameLimit) -> Result<Option<(usize, Rejected)>> {
+    for (i, e) in batch.iter().enumerate() {
+        let size = limit
+            .codec
+            .encode(&ClientFrame::Publish(e.to_publish()))?
+            .len();
+        if size as u64 > limit.max_bytes {
+            return Ok(Some((
+                i,
+                Rejected {
+                    event_id: Some(e.event_id),
+                    branch: Some(e.branch.clone()),
+                    code: ErrorCode::MessageTooBig,
+                    message: format!(
+                        "its publish frame is {size} bytes and the hub takes at most {} \
+                         (its welcome says): not sent",
+                        limit.max_bytes
+                    ),
+                    expected_device_seq: None,
+                    conflict: None,
+                },
+            )));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -276,11 +397,15 @@ mod tests {
         Name::new("b1").unwrap()
     }
 
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
     fn store_with(n: u32) -> Store {
         let s = Store::temporary(100).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = rt();
         for i in 0..n {
             rt.block_on(s.record(&branch(), body(i), None, None, 0))
                 .unwrap();
@@ -310,7 +435,8 @@ mod tests {
     }
 
     /// A tiny hub model of PROTOCOL.md §7 for one device: `last` is L; `poison` are event
-    /// ids refused as invalid; `seen` maps accepted ids to their seq.
+    /// ids refused as invalid; `seen` maps accepted ids to their seq (the dedup index:
+    /// clearing it is the hub forgetting events that left its log).
     struct Hub {
         last: u64,
         seq: u64,
@@ -346,7 +472,7 @@ mod tests {
         let backoff = Backoff::constant(Duration::ZERO);
         let mut outcomes = Vec::new();
         for _ in 0..1000 {
-            let sent = p.take(store, window, Instant::now());
+            let sent = p.take(store, window, Instant::now(), None).unwrap().0;
             if sent.is_empty() && p.in_flight() == 0 {
                 break;
             }
@@ -429,7 +555,7 @@ mod tests {
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::ZERO);
         // Send 4; the hub applies them all but only the first two answers arrive.
-        let sent = p.take(&store, 4, Instant::now());
+        let sent = p.take(&store, 4, Instant::now(), None).unwrap().0;
         let answers: Vec<_> = sent.iter().map(|e| hub.answer(e)).collect();
         for a in answers.into_iter().take(2) {
             p.on_answer(&store, a, false, &backoff, Instant::now())
@@ -438,7 +564,7 @@ mod tests {
         p.reset(&store).unwrap();
         let mut outcomes = Vec::new();
         loop {
-            let sent = p.take(&store, 4, Instant::now());
+            let sent = p.take(&store, 4, Instant::now(), None).unwrap().0;
             if sent.is_empty() {
                 break;
             }
@@ -467,13 +593,156 @@ mod tests {
         assert!(store.pending(&branch()).is_empty());
     }
 
+    fn hub(last: u64) -> Hub {
+        Hub {
+            last,
+            seq: last,
+            poison: vec![],
+            seen: Default::default(),
+            order: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_sent_event_the_hub_has_forgotten_is_quarantined_never_renumbered() {
+        let store = store_with(3);
+        let mut hub = hub(0);
+        let mut p = Publisher::new(branch());
+        let backoff = Backoff::constant(Duration::ZERO);
+        // The hub applies all three, the answers are lost in a cut…
+        for e in p.take(&store, 8, Instant::now(), None).unwrap().0 {
+            hub.answer(&e);
+        }
+        p.begin(&store).unwrap();
+        // …and by the time the device is back the events have left the hub's log, taking
+        // their dedup entries with them. A fourth event was recorded meanwhile.
+        hub.seen.clear();
+        let fourth = rt()
+            .block_on(store.record(&branch(), body(9), None, None, 0))
+            .unwrap();
+        let mut outcomes = Vec::new();
+        loop {
+            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
+            if sent.is_empty() && p.in_flight() == 0 {
+                break;
+            }
+            for e in sent {
+                let a = hub.answer(&e);
+                outcomes.extend(
+                    p.on_answer(&store, a, false, &backoff, Instant::now())
+                        .unwrap(),
+                );
+            }
+        }
+        assert_eq!(
+            hub.order.len(),
+            4,
+            "each event applied once: {:?}",
+            hub.order
+        );
+        assert_eq!(hub.order[3], fourth.event_id);
+        let q = store.quarantined().unwrap();
+        assert_eq!(q.len(), 3, "the three the hub cannot vouch for");
+        assert!(
+            q.iter()
+                .all(|q| q.code == ErrorCode::DeviceSeqReused && q.message.contains("sent before"))
+        );
+        assert!(
+            !outcomes
+                .iter()
+                .any(|o| matches!(o, Outcome::Renumbered { .. }))
+        );
+        assert!(store.pending(&branch()).is_empty());
+    }
+
+    #[test]
+    fn a_send_the_hub_could_not_apply_leaves_the_event_free_to_renumber() {
+        // A restored store: the hub has applied 41 of this device's events. The welcome
+        // says so, so the first round's sends (numbered 1…3) cannot be applied and do not
+        // mark the events; the round is cut before any answer.
+        let store = store_with(3);
+        let mut hub = hub(41);
+        let mut p = Publisher::new(branch());
+        let backoff = Backoff::constant(Duration::ZERO);
+        p.set_last_device_seq(&store, 41).unwrap();
+        assert_eq!(p.take(&store, 8, Instant::now(), None).unwrap().0.len(), 3);
+        p.begin(&store).unwrap();
+        assert!(store.pending(&branch()).iter().all(|e| !e.sent));
+        p.set_last_device_seq(&store, 41).unwrap();
+        let mut outcomes = Vec::new();
+        loop {
+            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
+            if sent.is_empty() && p.in_flight() == 0 {
+                break;
+            }
+            for e in sent {
+                let a = hub.answer(&e);
+                outcomes.extend(
+                    p.on_answer(&store, a, false, &backoff, Instant::now())
+                        .unwrap(),
+                );
+            }
+        }
+        assert_eq!(hub.order.len(), 3);
+        assert_eq!(hub.last, 44);
+        assert!(store.quarantined().unwrap().is_empty());
+        assert!(outcomes.contains(&Outcome::Renumbered { from: 42 }));
+    }
+
+    #[test]
+    fn an_event_over_the_frame_limit_is_quarantined_unsent_and_its_number_reused() {
+        let store = Store::temporary(100).unwrap();
+        let rt = rt();
+        let big = EventBody::Custom(Custom {
+            custom_type: "big".into(),
+            data: serde_json::json!("x".repeat(2000)),
+        });
+        let small = rt
+            .block_on(store.record(&branch(), body(1), None, None, 0))
+            .unwrap();
+        let oversized = rt
+            .block_on(store.record(&branch(), big, None, None, 0))
+            .unwrap();
+        let behind = rt
+            .block_on(store.record(&branch(), body(2), None, None, 0))
+            .unwrap();
+        let limit = FrameLimit {
+            codec: Codec::MsgPack,
+            max_bytes: 1000,
+        };
+        let mut hub = hub(0);
+        let mut p = Publisher::new(branch());
+        let backoff = Backoff::constant(Duration::ZERO);
+        let (sent, outcomes) = p.take(&store, 8, Instant::now(), Some(limit)).unwrap();
+        assert_eq!(
+            sent.iter().map(|e| e.event_id).collect::<Vec<_>>(),
+            [small.event_id],
+            "sent up to the oversized one"
+        );
+        assert!(matches!(&outcomes[..], [Outcome::Quarantined(q)]
+            if q.event.event_id == oversized.event_id && q.code == ErrorCode::MessageTooBig));
+        for e in sent {
+            let a = hub.answer(&e);
+            p.on_answer(&store, a, true, &backoff, Instant::now())
+                .unwrap();
+        }
+        let (sent, _) = p.take(&store, 8, Instant::now(), Some(limit)).unwrap();
+        assert_eq!(
+            sent.iter()
+                .map(|e| (e.event_id, e.device_seq))
+                .collect::<Vec<_>>(),
+            [(behind.event_id, 2)]
+        );
+        assert_eq!(store.quarantined_count(), 1);
+    }
+
     #[test]
     fn transient_refusals_back_off_then_resend() {
         let store = store_with(2);
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::from_secs(2));
         let t0 = Instant::now();
-        let sent = p.take(&store, 8, t0);
+        let sent = p.take(&store, 8, t0, None).unwrap().0;
         assert_eq!(sent.len(), 2);
         let out = p
             .on_answer(
@@ -499,8 +768,16 @@ mod tests {
             t0,
         )
         .unwrap();
-        assert!(p.take(&store, 8, t0 + Duration::from_secs(1)).is_empty());
-        let again = p.take(&store, 8, t0 + Duration::from_secs(2));
+        assert!(
+            p.take(&store, 8, t0 + Duration::from_secs(1), None)
+                .unwrap()
+                .0
+                .is_empty()
+        );
+        let again = p
+            .take(&store, 8, t0 + Duration::from_secs(2), None)
+            .unwrap()
+            .0;
         assert_eq!(
             again.iter().map(|e| e.device_seq).collect::<Vec<_>>(),
             [1, 2],

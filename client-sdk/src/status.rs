@@ -157,6 +157,8 @@ pub enum ClientEvent {
         event_id: Uuid,
         /// Where it was sequenced.
         position: Position,
+        /// The hub had accepted it before (a retry after a lost answer); nothing changed.
+        duplicate: bool,
     },
     /// The hub refused an event permanently; it was moved to quarantine and the events
     /// behind it carry on.
@@ -217,8 +219,16 @@ impl fmt::Display for ClientEvent {
             ClientEvent::Resynced { branch, position } => {
                 write!(f, "{branch} resynced from a snapshot at {position}")
             }
-            ClientEvent::Accepted { event_id, position } => {
-                write!(f, "event {event_id} sequenced at {position}")
+            ClientEvent::Accepted {
+                event_id,
+                position,
+                duplicate,
+            } => {
+                write!(f, "event {event_id} sequenced at {position}")?;
+                if *duplicate {
+                    f.write_str(" (a retry; already accepted)")?;
+                }
+                Ok(())
             }
             ClientEvent::Quarantined {
                 event_id,

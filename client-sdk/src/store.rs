@@ -21,11 +21,17 @@
 //!
 //! The outbox is also mirrored in memory behind a mutex: publishing, renumbering and
 //! retiring entries are read-modify-writes that must not interleave, and the mirror makes
-//! pending counts and read-your-writes overlays cheap. The mutex is never held across an
-//! `.await`.
+//! pending counts and read-your-writes overlays cheap. Applying events and snapshots holds
+//! the mutex too, so a reader that takes it sees the replica and the outbox at one instant
+//! ([`Store::branch_view`]). The mutex is never held across an `.await`.
+//!
+//! An outbox entry carries two marks besides its event: `sent` (flushed before the first
+//! send the hub could apply; it forbids raising the entry's `device_seq`) and `accepted`
+//! (written when the hub answers, not flushed: losing it only costs a resend).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use branchline_protocol::{
@@ -107,9 +113,18 @@ pub struct PendingEvent {
     /// When it was recorded, on the device's own clock (for "oldest pending" ages).
     pub recorded_at_ms: UnixMillis,
     /// Where the hub sequenced it, once it said `accepted` (the entry stays until the event
-    /// itself is applied to the replica, so reads keep showing it in between).
-    #[serde(skip)]
+    /// itself is applied to the replica, so reads keep showing it in between). Kept in the
+    /// store (without waiting for a flush), so that after a restart the entry is not sent
+    /// again and a snapshot that already holds it retires it.
+    #[serde(default)]
     pub accepted: Option<Position>,
+    /// Whether the hub may have applied it: set, and on disk, before the first send whose
+    /// `device_seq` the hub could have applied. Such an event never gets a higher
+    /// `device_seq` again, and if the hub calls its number `device_seq_reused` it is
+    /// quarantined instead of renumbered: the hub may have applied it and since forgotten
+    /// its id, and a new number would apply it twice (PROTOCOL.md §7).
+    #[serde(default)]
+    pub sent: bool,
     #[serde(skip)]
     order: u64,
 }
@@ -153,16 +168,35 @@ pub struct QuarantinedEvent {
 /// The outcome of applying a run of events to a branch.
 #[derive(Debug, Default)]
 pub(crate) struct Applied {
-    /// The updates written to the local log, in order, with their offsets.
-    pub updates: Vec<(u64, Update)>,
-    /// Events skipped because the replica already had them.
-    pub duplicates: usize,
+    /// How many events were applied (and written to the local log).
+    pub applied: usize,
     /// The first event that did not follow the position: (expected seq, got seq).
     pub gap: Option<(u64, u64)>,
     /// An event of another epoch than the position's: the log was reset, resync.
     pub epoch_mismatch: bool,
-    /// The position after applying.
+}
+
+/// What [`Store::renumber`] did.
+#[derive(Debug, Default)]
+pub(crate) struct Renumbered {
+    /// Entries that got another number.
+    pub changed: usize,
+    /// Sent entries that would have needed a higher number, moved to quarantine.
+    pub quarantined: Vec<QuarantinedEvent>,
+}
+
+/// A branch as the store holds it at one instant: the confirmed replica and the outbox
+/// entries not yet applied to it, read together so that no event is in both or neither.
+#[derive(Debug)]
+pub(crate) struct BranchView {
+    /// The position the confirmed replica is at.
     pub position: Option<Position>,
+    /// Confirmed products, in SKU order.
+    pub products: Vec<ProductRecord>,
+    /// Confirmed stock levels, in SKU order.
+    pub stock: Vec<StockLevel>,
+    /// Outbox entries of the branch, in publish order.
+    pub pending: Vec<PendingEvent>,
 }
 
 struct Inner {
@@ -181,7 +215,15 @@ pub(crate) struct Store {
     db: sled::Db,
     inner: Mutex<Inner>,
     log_capacity: u64,
+    /// Whether `record` waits for the flush ([`ClientOptions::durable_publish`]).
+    ///
+    /// [`ClientOptions::durable_publish`]: crate::ClientOptions::durable_publish
     durable: bool,
+    /// Whether the store outlives the process (not a temporary one): only then do sent
+    /// marks need flushing before the sends leave.
+    on_disk: bool,
+    /// Sent marks were written since the last [`Store::sync_sent`].
+    sent_unsynced: AtomicBool,
 }
 
 impl Store {
@@ -196,17 +238,17 @@ impl Store {
             }
             other => Error::Store(other),
         })?;
-        Self::from_db(db, log_capacity, durable)
+        Self::from_db(db, log_capacity, durable, true)
     }
 
     /// A store that lives in a temporary directory and is deleted when dropped (dashboards,
     /// tests).
     pub fn temporary(log_capacity: u64) -> Result<Self> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, log_capacity, false)
+        Self::from_db(db, log_capacity, false, false)
     }
 
-    fn from_db(db: sled::Db, log_capacity: u64, durable: bool) -> Result<Self> {
+    fn from_db(db: sled::Db, log_capacity: u64, durable: bool, on_disk: bool) -> Result<Self> {
         let mut outbox: BTreeMap<Name, BTreeMap<u64, PendingEvent>> = BTreeMap::new();
         let mut index = HashMap::new();
         for kv in db.scan_prefix(b"o/") {
@@ -247,6 +289,8 @@ impl Store {
             }),
             log_capacity: log_capacity.max(1),
             durable,
+            on_disk,
+            sent_unsynced: AtomicBool::new(false),
         })
     }
 
@@ -296,6 +340,7 @@ impl Store {
                 body,
                 recorded_at_ms: now_ms(),
                 accepted: None,
+                sent: false,
                 order,
             };
             let mut batch = sled::Batch::default();
@@ -319,12 +364,37 @@ impl Store {
     }
 
     /// Every outbox entry of `branch`, in publish order.
+    #[cfg(test)]
     pub fn pending(&self, branch: &Name) -> Vec<PendingEvent> {
-        self.lock()
-            .outbox
-            .get(branch)
-            .map(|m| m.values().cloned().collect())
-            .unwrap_or_default()
+        pending_of(&self.lock(), branch, |_| true)
+    }
+
+    /// The confirmed replica of `branch` and its outbox entries, read under the lock that
+    /// applying events takes, so an event applied meanwhile is counted exactly once: either
+    /// in the replica or as pending.
+    pub fn branch_view(&self, branch: &Name) -> Result<BranchView> {
+        let inner = self.lock();
+        Ok(BranchView {
+            position: self.cursor(branch)?,
+            products: self.confirmed_products(branch)?,
+            stock: self.confirmed_stock_levels(branch)?,
+            pending: pending_of(&inner, branch, |_| true),
+        })
+    }
+
+    /// Like [`Store::branch_view`] for one SKU: its confirmed product and stock level and
+    /// the outbox entries touching it, read consistently.
+    pub fn sku_view(
+        &self,
+        branch: &Name,
+        sku: &Sku,
+    ) -> Result<(Option<ProductRecord>, Option<StockLevel>, Vec<PendingEvent>)> {
+        let inner = self.lock();
+        Ok((
+            self.confirmed_product(branch, sku)?,
+            self.confirmed_stock(branch, sku)?,
+            pending_of(&inner, branch, |e| crate::replica::touches(e, sku)),
+        ))
     }
 
     /// Every outbox entry, by branch then publish order.
@@ -391,15 +461,91 @@ impl Store {
         };
         let cursor = self.cursor(&branch)?;
         let applied = cursor.is_some_and(|c| c.epoch == position.epoch && c.seq >= position.seq);
+        let k = key("o", &branch, &order.to_be_bytes());
         if !followed || applied {
-            self.db.remove(key("o", &branch, &order.to_be_bytes()))?;
+            self.db.remove(k)?;
             remove_entry(&mut inner, &branch, order);
         } else if let Some(e) = inner
             .outbox
             .get_mut(&branch)
             .and_then(|m| m.get_mut(&order))
         {
-            e.accepted = Some(position);
+            let mut marked = e.clone();
+            marked.accepted = Some(position);
+            // Not flushed: losing the mark in a crash only means sending the event again,
+            // which the hub answers `duplicate` (or, if it forgot the event, which the
+            // `sent` mark makes a quarantine).
+            self.db.insert(k, enc(&marked)?)?;
+            *e = marked;
+        }
+        Ok(())
+    }
+
+    /// Retires the entries of `branch` the hub has accepted, when the branch is no longer
+    /// followed (a client restarted with other branches): their events will never arrive
+    /// to retire them.
+    pub fn retire_accepted(&self, branch: &Name) -> Result<()> {
+        let mut inner = self.lock();
+        let accepted: Vec<u64> = inner
+            .outbox
+            .get(branch)
+            .map(|m| {
+                m.values()
+                    .filter(|e| e.accepted.is_some())
+                    .map(|e| e.order)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut batch = sled::Batch::default();
+        for order in &accepted {
+            batch.remove(key("o", branch, &order.to_be_bytes()));
+        }
+        self.db.apply_batch(batch)?;
+        for order in accepted {
+            remove_entry(&mut inner, branch, order);
+        }
+        Ok(())
+    }
+
+    /// Marks entries of `branch` (by ordinal) as possibly applied by the hub (see
+    /// [`PendingEvent::sent`]), in one write. [`Store::sync_sent`] must follow before the
+    /// sends leave.
+    pub fn mark_sent(&self, branch: &Name, orders: &[u64]) -> Result<()> {
+        let mut inner = self.lock();
+        let Some(m) = inner.outbox.get_mut(branch) else {
+            return Ok(());
+        };
+        let mut batch = sled::Batch::default();
+        let mut marked = Vec::new();
+        for order in orders {
+            if let Some(e) = m.get(order).filter(|e| !e.sent) {
+                let mut e = e.clone();
+                e.sent = true;
+                batch.insert(key("o", branch, &order.to_be_bytes()), enc(&e)?);
+                marked.push(e);
+            }
+        }
+        if marked.is_empty() {
+            return Ok(());
+        }
+        self.db.apply_batch(batch)?;
+        for e in marked {
+            m.insert(e.order, e);
+        }
+        self.sent_unsynced.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Waits until every sent mark written so far is on disk. Called before frames or a
+    /// push leave, so a crash can never leave a send the hub may have applied without its
+    /// mark. Cheap when nothing new was marked (a resend), and a no-op for a temporary
+    /// store, whose outbox does not outlive the process anyway.
+    pub async fn sync_sent(&self) -> Result<()> {
+        if self.sent_unsynced.swap(false, Ordering::SeqCst) && self.on_disk {
+            if let Err(e) = self.flush().await {
+                self.sent_unsynced.store(true, Ordering::SeqCst);
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -474,6 +620,7 @@ impl Store {
             device_seq,
             order,
             accepted: None,
+            sent: false,
             ..q.event
         };
         let mut batch = sled::Batch::default();
@@ -504,34 +651,75 @@ impl Store {
 
     /// Renumbers the not-yet-accepted entries of `branch`, in publish order, as
     /// `from, from + 1, …`, and sets the branch counter after them. Used after a quarantine
-    /// (to close the gap), `out_of_order` and `device_seq_reused` (PROTOCOL.md §7). Accepted
-    /// entries keep their numbers. Returns how many entries changed.
-    pub fn renumber(&self, branch: &Name, from: u64) -> Result<usize> {
+    /// (to close the gap), `out_of_order` and `device_seq_reused` (PROTOCOL.md §7), with
+    /// `from` the number the hub expects next. Accepted entries keep their numbers.
+    ///
+    /// An entry marked [`PendingEvent::sent`] is never given a *higher* number: the hub may
+    /// have applied it under its number and, once the event left the hub's log, forgotten
+    /// its id, so a number the hub has not used yet would get it applied a second time. An
+    /// entry that would need one is quarantined instead (the hub would answer it
+    /// `device_seq_reused`, and can no longer tell whether it was applied). Lowering a sent
+    /// entry is safe: if the hub applied it, the lower number is one it has used too.
+    /// `refused` are entries whose only send that could have been applied the hub has just
+    /// refused: they were never applied, so they count as unsent again.
+    pub fn renumber(
+        &self,
+        branch: &Name,
+        from: u64,
+        refused: &HashSet<Uuid>,
+    ) -> Result<Renumbered> {
         let mut inner = self.lock();
         let mut batch = sled::Batch::default();
         let mut next = from.max(1);
-        let mut changed = Vec::new();
+        let mut out = Renumbered::default();
+        let mut rewritten = Vec::new();
         if let Some(m) = inner.outbox.get(branch) {
             for e in m.values().filter(|e| e.accepted.is_none()) {
-                if e.device_seq != next {
+                let sent = e.sent && !refused.contains(&e.event_id);
+                let k = key("o", branch, &e.order.to_be_bytes());
+                if sent && e.device_seq < next {
+                    let q = QuarantinedEvent {
+                        event: e.clone(),
+                        code: ErrorCode::DeviceSeqReused,
+                        message: format!(
+                            "sent before as device_seq {}, and the hub has moved past that \
+                             number (it expects {from}): it may have applied the event and, \
+                             the event having left its log, forgotten it. A new number could \
+                             apply it twice, so it waits here: drop it if the branch holds \
+                             it, retry it if not",
+                            e.device_seq
+                        ),
+                        conflict: None,
+                        quarantined_at_ms: now_ms(),
+                    };
+                    batch.remove(k);
+                    batch.insert(key("q", branch, e.event_id.as_bytes()), enc(&q)?);
+                    out.quarantined.push(q);
+                    continue;
+                }
+                if e.device_seq != next || sent != e.sent {
+                    out.changed += usize::from(e.device_seq != next);
                     let mut e2 = e.clone();
                     e2.device_seq = next;
-                    batch.insert(key("o", branch, &e.order.to_be_bytes()), enc(&e2)?);
-                    changed.push((e.order, next));
+                    e2.sent = sent;
+                    batch.insert(k, enc(&e2)?);
+                    rewritten.push(e2);
                 }
                 next += 1;
             }
         }
         batch.insert(key("n", branch, b""), &next.to_be_bytes());
         self.db.apply_batch(batch)?;
+        for q in &out.quarantined {
+            remove_entry(&mut inner, branch, q.event.order);
+            inner.quarantined += 1;
+        }
         if let Some(m) = inner.outbox.get_mut(branch) {
-            for (order, seq) in &changed {
-                if let Some(e) = m.get_mut(order) {
-                    e.device_seq = *seq;
-                }
+            for e in rewritten {
+                m.insert(e.order, e);
             }
         }
-        Ok(changed.len())
+        Ok(out)
     }
 
     /// The hub says its last applied `device_seq` from this device on `branch` is `last`.
@@ -586,7 +774,7 @@ impl Store {
                 break;
             }
             if event.seq <= pos.seq {
-                out.duplicates += 1;
+                // Already applied (a replay overlapping what we hold).
                 continue;
             }
             if event.seq != pos.seq + 1 {
@@ -608,11 +796,10 @@ impl Store {
             pos = event.position();
             let update = Update::Event(Box::new(event));
             batch.insert(log_key(next_log), enc(&update)?);
-            out.updates.push((next_log, update));
+            out.applied += 1;
             next_log += 1;
         }
-        if out.updates.is_empty() {
-            out.position = Some(pos);
+        if out.applied == 0 {
             return Ok(out);
         }
         batch.insert(key("c", branch, b""), enc(&pos)?);
@@ -622,7 +809,6 @@ impl Store {
             remove_entry(&mut inner, branch, order);
         }
         self.commit_log(&mut inner, next_log);
-        out.position = Some(pos);
         Ok(out)
     }
 
@@ -651,13 +837,21 @@ impl Store {
         }
         batch.insert(key("c", branch, b""), enc(&position)?);
         let mut retired = Vec::new();
+        let mut unaccepted = Vec::new();
         if let Some(m) = inner.outbox.get(branch) {
             for e in m.values() {
-                if let Some(a) = e.accepted {
-                    if a.epoch == position.epoch && a.seq <= position.seq {
+                match e.accepted {
+                    Some(a) if a.epoch == position.epoch && a.seq <= position.seq => {
                         batch.remove(key("o", branch, &e.order.to_be_bytes()));
                         retired.push(e.order);
                     }
+                    Some(a) if a.epoch != position.epoch => {
+                        let mut e = e.clone();
+                        e.accepted = None;
+                        batch.insert(key("o", branch, &e.order.to_be_bytes()), enc(&e)?);
+                        unaccepted.push(e);
+                    }
+                    _ => {}
                 }
             }
         }
@@ -673,10 +867,8 @@ impl Store {
             remove_entry(&mut inner, branch, order);
         }
         if let Some(m) = inner.outbox.get_mut(branch) {
-            for e in m.values_mut() {
-                if e.accepted.is_some_and(|a| a.epoch != position.epoch) {
-                    e.accepted = None;
-                }
+            for e in unaccepted {
+                m.insert(e.order, e);
             }
         }
         self.commit_log(&mut inner, offset + 1);
@@ -766,6 +958,18 @@ impl Store {
     }
 }
 
+fn pending_of(
+    inner: &Inner,
+    branch: &Name,
+    keep: impl Fn(&PendingEvent) -> bool,
+) -> Vec<PendingEvent> {
+    inner
+        .outbox
+        .get(branch)
+        .map(|m| m.values().filter(|e| keep(e)).cloned().collect())
+        .unwrap_or_default()
+}
+
 fn remove_entry(inner: &mut Inner, branch: &Name, order: u64) {
     if let Some(m) = inner.outbox.get_mut(branch) {
         if let Some(e) = m.remove(&order) {
@@ -827,13 +1031,13 @@ mod tests {
         s.apply_snapshot(&b(), Position::new(Epoch(7), 0), &[], &[])
             .unwrap();
         let a = s.apply_events(&b(), vec![ev(1, 5), ev(2, 4)]).unwrap();
-        assert_eq!(a.updates.len(), 2);
-        assert_eq!(a.position, Some(Position::new(Epoch(7), 2)));
+        assert_eq!(a.applied, 2);
+        assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(7), 2)));
         // A replayed duplicate is skipped; a gap stops the run before it.
         let a = s
             .apply_events(&b(), vec![ev(2, 4), ev(3, 3), ev(5, 1)])
             .unwrap();
-        assert_eq!((a.duplicates, a.updates.len()), (1, 1));
+        assert_eq!(a.applied, 1);
         assert_eq!(a.gap, Some((4, 5)));
         assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(7), 3)));
         assert_eq!(
@@ -844,7 +1048,7 @@ mod tests {
         let a = s
             .apply_events(&b(), vec![event(8, 4, &[("A", 0)], Uuid::now_v7())])
             .unwrap();
-        assert!(a.epoch_mismatch && a.updates.is_empty());
+        assert!(a.epoch_mismatch && a.applied == 0);
         assert_eq!(
             s.confirmed_stock(&b(), &sku("A")).unwrap().unwrap().on_hand,
             3
@@ -855,7 +1059,7 @@ mod tests {
     fn events_before_the_first_snapshot_are_refused() {
         let s = Store::temporary(100).unwrap();
         let a = s.apply_events(&b(), vec![ev(1, 5)]).unwrap();
-        assert!(a.epoch_mismatch && a.updates.is_empty());
+        assert!(a.epoch_mismatch && a.applied == 0);
         assert_eq!(s.cursor(&b()).unwrap(), None);
     }
 
@@ -890,6 +1094,118 @@ mod tests {
         assert!(s.pending(&b()).is_empty());
     }
 
+    #[tokio::test]
+    async fn renumbering_never_raises_a_sent_event_and_quarantines_it_instead() {
+        let s = Store::temporary(100).unwrap();
+        let body = || {
+            EventBody::Custom(Custom {
+                custom_type: "t".into(),
+                data: serde_json::Value::Null,
+            })
+        };
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            ids.push(s.record(&b(), body(), None, None, 0).await.unwrap());
+        }
+        // 1 and 2 were sent; the hub's answer for 2 was a refusal of its only send.
+        s.mark_sent(&b(), &[ids[0].order(), ids[1].order()])
+            .unwrap();
+        let refused: HashSet<Uuid> = [ids[1].event_id].into();
+        // Lowering is fine for anyone…
+        let r = s.renumber(&b(), 1, &refused).unwrap();
+        assert!(r.quarantined.is_empty() && r.changed == 0);
+        // …raising is not, for a sent event.
+        s.mark_sent(&b(), &[ids[1].order()]).unwrap();
+        let r = s.renumber(&b(), 10, &refused).unwrap();
+        assert_eq!(r.quarantined.len(), 1);
+        assert_eq!(r.quarantined[0].event.event_id, ids[0].event_id);
+        assert_eq!(r.quarantined[0].code, ErrorCode::DeviceSeqReused);
+        assert_eq!(r.changed, 3);
+        let left = s.pending(&b());
+        assert_eq!(
+            left.iter()
+                .map(|e| (e.event_id, e.device_seq, e.sent))
+                .collect::<Vec<_>>(),
+            [
+                (ids[1].event_id, 10, false),
+                (ids[2].event_id, 11, false),
+                (ids[3].event_id, 12, false)
+            ]
+        );
+        assert_eq!(s.quarantined_count(), 1);
+        assert_eq!(s.next_device_seq(&b()).unwrap(), 13);
+    }
+
+    #[test]
+    fn a_view_of_a_branch_counts_each_event_once_while_events_are_applied() {
+        // A reader laying pending events on the replica while the engine applies them must
+        // never see an event in both parts or in neither.
+        let s = std::sync::Arc::new(Store::temporary(10_000).unwrap());
+        s.apply_snapshot(&b(), Position::new(Epoch(7), 0), &[], &[])
+            .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let n = 300;
+        let mut recorded = Vec::new();
+        for _ in 0..n {
+            let body = EventBody::StockAdjusted(branchline_protocol::StockAdjusted {
+                sku: sku("A"),
+                delta: 1,
+                reason: branchline_protocol::AdjustReason::Receipt,
+                note: None,
+            });
+            recorded.push(rt.block_on(s.record(&b(), body, None, None, 0)).unwrap());
+        }
+        let reader = {
+            let s = std::sync::Arc::clone(&s);
+            std::thread::spawn(move || {
+                let mut reads = 0;
+                loop {
+                    let v = s.branch_view(&b()).unwrap();
+                    let confirmed = v.stock.first().map_or(0, |l| l.on_hand);
+                    assert_eq!(
+                        confirmed + v.pending.len() as i64,
+                        n,
+                        "at {:?}: {confirmed} confirmed + {} pending",
+                        v.position,
+                        v.pending.len()
+                    );
+                    let (_, level, pending) = s.sku_view(&b(), &sku("A")).unwrap();
+                    assert_eq!(level.map_or(0, |l| l.on_hand) + pending.len() as i64, n);
+                    reads += 1;
+                    if v.pending.is_empty() {
+                        return reads;
+                    }
+                }
+            })
+        };
+        for (i, e) in recorded.iter().enumerate() {
+            let seq = i as u64 + 1;
+            s.apply_events(&b(), vec![event(7, seq, &[("A", seq as i64)], e.event_id)])
+                .unwrap();
+        }
+        assert!(reader.join().unwrap() > 0);
+    }
+
+    #[tokio::test]
+    async fn accepted_entries_of_a_branch_no_longer_followed_are_retired() {
+        let s = Store::temporary(100).unwrap();
+        let body = || {
+            EventBody::Custom(Custom {
+                custom_type: "t".into(),
+                data: serde_json::Value::Null,
+            })
+        };
+        let accepted = s.record(&b(), body(), None, None, 0).await.unwrap();
+        let waiting = s.record(&b(), body(), None, None, 0).await.unwrap();
+        s.mark_accepted(accepted.event_id, Position::new(Epoch(7), 1), true)
+            .unwrap();
+        s.retire_accepted(&b()).unwrap();
+        let left: Vec<Uuid> = s.pending(&b()).iter().map(|e| e.event_id).collect();
+        assert_eq!(left, [waiting.event_id]);
+    }
+
     #[test]
     fn a_snapshot_replaces_the_replica_and_the_local_log_trims_to_capacity() {
         let s = Store::temporary(3).unwrap();
@@ -918,6 +1234,20 @@ mod tests {
         let levels = s.confirmed_stock_levels(&b()).unwrap();
         assert_eq!(levels, vec![StockLevel::new(sku("NEW"), 2)]);
         assert_eq!(s.cursor(&b()).unwrap(), Some(Position::new(Epoch(9), 40)));
+    }
+
+    /// Opens the store at `path` again, waiting (for a while) until sled's background
+    /// flusher of the previous instance has let go of it.
+    fn reopen(path: &Path) -> Store {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match Store::open(path, 10, true) {
+                Err(Error::StoreLocked { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => return other.unwrap(),
+            }
+        }
     }
 
     #[test]
@@ -950,15 +1280,30 @@ mod tests {
                         .event_id,
                 );
             }
-            s.renumber(&b(), 41).unwrap();
+            s.renumber(&b(), 41, &HashSet::new()).unwrap();
+            let first = s.pending(&b())[0].order();
+            s.mark_sent(&b(), &[first]).unwrap();
+            s.sync_sent().await.unwrap();
+            s.mark_accepted(ids[2], Position::new(Epoch(7), 9), true)
+                .unwrap();
             ids
         };
-        let s = Store::open(dir.path(), 10, true).unwrap();
+        let s = reopen(dir.path());
         let pending = s.pending(&b());
         assert_eq!(pending.iter().map(|e| e.event_id).collect::<Vec<_>>(), ids);
         assert_eq!(
             pending.iter().map(|e| e.device_seq).collect::<Vec<_>>(),
             [41, 42, 43]
+        );
+        assert_eq!(
+            pending.iter().map(|e| e.sent).collect::<Vec<_>>(),
+            [true, false, false],
+            "the sent mark is durable"
+        );
+        assert_eq!(
+            pending[2].accepted,
+            Some(Position::new(Epoch(7), 9)),
+            "so is the acceptance"
         );
         assert_eq!(
             s.record(&b(), body(), None, None, 0)

@@ -20,13 +20,14 @@ pub(crate) type FrameSink = Pin<Box<dyn Sink<ClientFrame, Error = Error> + Send>
 /// Frames from the hub; the stream ends when the connection closes.
 pub(crate) type FrameStream = Pin<Box<dyn Stream<Item = Result<ServerFrame>> + Send>>;
 
-/// Opens a WebSocket to `url` offering `codec`'s subprotocol. An HTTP refusal of the upgrade
-/// becomes [`Error::Hub`] with the problem's code (PROTOCOL.md §4).
+/// Opens a WebSocket to `url` offering `codec`'s subprotocol; returns the encoding the hub
+/// selected with the two halves. An HTTP refusal of the upgrade becomes [`Error::Hub`] with
+/// the problem's code (PROTOCOL.md §4).
 pub(crate) async fn connect(
     url: &str,
     codec: Codec,
     max_frame: usize,
-) -> Result<(FrameSink, FrameStream)> {
+) -> Result<(FrameSink, FrameStream, Codec)> {
     let mut req = url
         .into_client_request()
         .map_err(|e| Error::Config(format!("bad WebSocket URL {url}: {e}")))?;
@@ -81,7 +82,7 @@ pub(crate) async fn connect(
             Err(e) => Some(Err(Error::Network(e.to_string()))),
         })
     });
-    Ok((Box::pin(sink), Box::pin(stream)))
+    Ok((Box::pin(sink), Box::pin(stream), selected))
 }
 
 fn upgrade_error(e: tungstenite::Error) -> Error {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use branchline_client::protocol::{
     AdjustReason, EventBody, Role, Sku, StockAdjusted, StockCounted,
 };
-use branchline_client::{Base, ClientEvent, SyncState, Transport, Update};
+use branchline_client::{Base, ClientEvent, SyncState, SyncStatus, Transport, Update};
 use branchline_hub::test_util::TestHub;
 use futures::StreamExt;
 use support::*;
@@ -277,14 +277,14 @@ async fn a_device_behind_the_retention_floor_resyncs_and_still_delivers_its_outb
         (snap.seq + 1..=34).collect::<Vec<_>>(),
         "gap-free after the snapshot"
     );
-    wait_for("both replicas agree", Duration::from_secs(10), || async {
-        let a = till.confirmed_state(&branch()).unwrap();
-        let b = other.confirmed_state(&branch()).unwrap();
-        a.position == b.position && a.stock == b.stock && a.products == b.products
-    })
-    .await;
-    let stock = till.confirmed_state(&branch()).unwrap().stock;
-    assert_eq!(stock[&sku].on_hand, 100 - 3 - 60);
+    // The replica is exactly the hub's own state, as its HTTP snapshot gives it.
+    let (at, products, stock) = hub_snapshot(&hub, &admin_token(&hub), BRANCH).await;
+    assert_eq!(at.seq, 34);
+    let replica = till.confirmed_state(&branch()).unwrap();
+    assert_eq!(replica.position, Some(at));
+    assert_eq!(replica.stock.into_values().collect::<Vec<_>>(), stock);
+    assert_eq!(replica.products.into_values().collect::<Vec<_>>(), products);
+    assert_eq!(stock[0].on_hand, 100 - 3 - 60);
     let log = hub_events(&hub, &admin_token(&hub)).await;
     for id in &mine {
         assert_eq!(log.iter().filter(|e| e.event_id == *id).count(), 1);
@@ -343,6 +343,178 @@ async fn a_device_whose_store_was_lost_renumbers_and_loses_nothing() {
         renumbered |= matches!(n, ClientEvent::Renumbered { from: 6, .. });
     }
     assert!(renumbered, "the app was told");
+    till.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_connects_but_cannot_be_held_falls_back_to_polling() {
+    let hub = TestHub::start().await;
+    let proxy = Proxy::start(hub.addr()).await;
+    // Every WebSocket gets its welcome, then dies well before it counts as healthy.
+    proxy.hold_websockets_for(Some(Duration::from_millis(500)));
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let t1 = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    let t2 = hub.token(TENANT, &[BRANCH], "till-2", Role::Cashier);
+    let till = opts(t1, dirs[0].path())
+        .websocket_failures_before_polling(3)
+        .probe_interval(Duration::from_secs(600))
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    let mut notes = till.notifications();
+    let mut connected = 0;
+    let failures = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match notes.next().await.unwrap() {
+                ClientEvent::Connected { .. } => connected += 1,
+                ClientEvent::Polling { websocket_failures } => break websocket_failures,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("polling after sessions that could not be held");
+    assert_eq!(failures, 3);
+    assert!(connected >= 2, "the sessions did open: {connected}");
+    assert_eq!(till.status().borrow().state, SyncState::Polling);
+    // And polling works: pushing and receiving.
+    let other = opts(t2, dirs[1].path())
+        .connect(&hub.http_url())
+        .await
+        .unwrap();
+    let mut events = till.events();
+    let mine = till.publish(custom(1)).await.unwrap();
+    let theirs = other.publish(custom(2)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let u = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .unwrap()
+            .unwrap();
+        if let Update::Event(e) = u {
+            got.push(e.event_id);
+        }
+    }
+    assert!(got.contains(&mine.event_id) && got.contains(&theirs.event_id));
+    till.shutdown().await.unwrap();
+    other.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_probe_holds_up_neither_polling_nor_shutdown() {
+    let hub = TestHub::start().await;
+    let proxy = Proxy::start(hub.addr()).await;
+    proxy.block_upgrades(true);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let t1 = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    let t2 = hub.token(TENANT, &[BRANCH], "till-2", Role::Cashier);
+    // A probe that hangs hangs for a minute: far longer than this test waits for anything.
+    let till = opts(t1, dirs[0].path())
+        .websocket_failures_before_polling(1)
+        .connect_timeout(Duration::from_secs(60))
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    wait_for("polling", Duration::from_secs(10), || async {
+        till.status().borrow().state == SyncState::Polling
+            && till.position(&branch()).unwrap().is_some()
+    })
+    .await;
+    // Upgrades are now swallowed: the next probe hangs.
+    proxy.stall_upgrades(true);
+    proxy.block_upgrades(false);
+    wait_for("a probe hanging", Duration::from_secs(10), || async {
+        proxy.stalled_upgrades() >= 1
+    })
+    .await;
+    let other = opts(t2, dirs[1].path())
+        .connect(&hub.http_url())
+        .await
+        .unwrap();
+    let mut events = till.events();
+    let mine = till.publish(custom(1)).await.unwrap();
+    let theirs = other.publish(custom(2)).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let u = tokio::time::timeout(Duration::from_secs(20), events.next())
+            .await
+            .expect("polling goes on while the probe hangs")
+            .unwrap();
+        if let Update::Event(e) = u {
+            got.push(e.event_id);
+        }
+    }
+    assert!(got.contains(&mine.event_id) && got.contains(&theirs.event_id));
+    assert_eq!(till.status().borrow().state, SyncState::Polling);
+    tokio::time::timeout(Duration::from_secs(20), till.shutdown())
+        .await
+        .expect("shutdown does not wait for the probe")
+        .unwrap();
+    proxy.cut_all();
+    other.shutdown().await.unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_cut_mid_download_resumes_from_its_last_page() {
+    let hub = TestHub::start().await;
+    let skus = 300;
+    seed_stock(&hub, BRANCH, skus).await;
+    let proxy = Proxy::start(hub.addr()).await;
+    // Each connection carries a few pages at most before it is cut: a snapshot that
+    // starts over after a cut never completes.
+    proxy.fixed_cuts(6_000);
+    let dir = tempfile::tempdir().unwrap();
+    let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
+    let till = opts(token, dir.path())
+        .snapshot_page(10)
+        .connect(&proxy.url())
+        .await
+        .unwrap();
+    let mut status = till.status();
+    let recorder = tokio::spawn(async move {
+        let mut seen: Vec<SyncStatus> = vec![status.borrow_and_update().clone()];
+        while status.changed().await.is_ok() {
+            let s = status.borrow_and_update().clone();
+            let done = s.state == SyncState::Live && s.snapshot.is_none();
+            seen.push(s);
+            if done {
+                break;
+            }
+        }
+        seen
+    });
+    wait_for("the snapshot", Duration::from_secs(60), || async {
+        till.position(&branch())
+            .unwrap()
+            .is_some_and(|p| p.seq == skus as u64)
+    })
+    .await;
+    proxy.fixed_cuts(0);
+    assert!(
+        proxy.connections() > 3,
+        "the download took several connections: {}",
+        proxy.connections()
+    );
+    let (at, _, stock) = hub_snapshot(&hub, &admin_token(&hub), BRANCH).await;
+    let replica = till.confirmed_state(&branch()).unwrap();
+    assert_eq!(replica.position, Some(at));
+    assert_eq!(replica.stock.into_values().collect::<Vec<_>>(), stock);
+    let seen = tokio::time::timeout(Duration::from_secs(20), recorder)
+        .await
+        .unwrap()
+        .unwrap();
+    let received: Vec<u64> = seen
+        .iter()
+        .filter_map(|s| s.snapshot.as_ref().map(|p| p.received))
+        .collect();
+    assert!(!received.is_empty());
+    assert!(
+        received.windows(2).all(|w| w[0] <= w[1]),
+        "progress never went back to an earlier page: {received:?}"
+    );
     till.shutdown().await.unwrap();
     hub.stop().await;
 }

@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use branchline_client::protocol::{Event, Role};
@@ -62,45 +63,83 @@ async fn a_thousand_events_through_random_cuts_are_sequenced_exactly_once() {
     .await;
     proxy.random_cuts(0);
     assert!(proxy.connections() > 3, "the proxy cut connections");
+    // Some cut fell between the hub's flush and its answer reaching the client: the hub
+    // answered a resend of an event it had applied as a duplicate.
+    let duplicates = hub_metric(&hub, r#"branchline_publishes_total{result="duplicate"}"#).await;
+    assert!(duplicates > 0.0, "no cut between flush and ack");
     let log = hub_events(&hub, &admin_token(&hub)).await;
     assert_exactly_once(&log, "till-1", &ids);
     client.shutdown().await.unwrap();
     hub.stop().await;
 }
 
+/// What the app on the killed runtime handled: (local log offset after it, its seq).
+type Handled = Arc<Mutex<Vec<(u64, Option<u64>)>>>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restarting_the_client_mid_drain_loses_and_doubles_nothing() {
+async fn killing_the_client_mid_drain_loses_and_doubles_nothing() {
     let hub = TestHub::start().await;
     let proxy = Proxy::start(hub.addr()).await;
     let dir = tempfile::tempdir().unwrap();
     let token = hub.token(TENANT, &[BRANCH], "till-1", Role::Cashier);
     proxy.refuse_all(true);
-    let client = opts(token.clone(), dir.path())
-        .publish_window(8)
-        .connect(&proxy.url())
-        .await
+    // The first client and its app live on a runtime of their own, which is killed: every
+    // task of it dropped wherever it stands, nothing shut down or flushed on the way.
+    let doomed = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
         .unwrap();
+    let handled: Handled = Arc::default();
+    let client = {
+        let first = opts(token.clone(), dir.path()).publish_window(8);
+        let (url, app) = (proxy.url(), Arc::clone(&handled));
+        doomed
+            .spawn(async move {
+                let client = first.connect(&url).await.unwrap();
+                // The app handles each update and keeps the offset after it, as it would
+                // store it with what it did.
+                let mut stream = client.events();
+                tokio::spawn(async move {
+                    while let Some(u) = stream.next().await {
+                        let seq = match &u {
+                            Update::Event(e) => Some(e.seq),
+                            _ => None,
+                        };
+                        app.lock().unwrap().push((stream.offset(), seq));
+                    }
+                });
+                client
+            })
+            .await
+            .unwrap()
+    };
     let mut ids = Vec::new();
     for n in 0..300 {
         ids.push(client.publish(custom(n)).await.unwrap().event_id);
     }
     proxy.refuse_all(false);
-    wait_for("some events accepted", Duration::from_secs(20), || async {
+    wait_for("mid-drain", Duration::from_secs(20), || async {
         client.status().borrow().pending < 250
+            && handled.lock().unwrap().iter().any(|(_, seq)| seq.is_some())
     })
     .await;
-    // Kill mid-drain: drop the task without a graceful close, then reopen the store.
+    assert!(
+        !client.pending().is_empty(),
+        "killed before the outbox drained"
+    );
+    doomed.shutdown_background();
     drop(client);
-    let client = loop {
-        match opts(token.clone(), dir.path()).connect(&proxy.url()).await {
-            Ok(c) => break c,
-            // The old task may still hold the store for a moment while it stops.
-            Err(branchline_client::Error::StoreLocked { .. }) => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let saved = handled.lock().unwrap().clone();
+    let (offset, _) = *saved.last().unwrap();
+    let mut seqs: Vec<u64> = saved.iter().filter_map(|(_, seq)| *seq).collect();
+
+    let client = connect_when_unlocked(
+        opts(token, dir.path()),
+        &proxy.url(),
+        Duration::from_secs(20),
+    )
+    .await;
     for n in 300..400 {
         ids.push(client.publish(custom(n)).await.unwrap().event_id);
     }
@@ -108,6 +147,19 @@ async fn restarting_the_client_mid_drain_loses_and_doubles_nothing() {
         drained(&client)
     })
     .await;
+    // The app resumes from the offset it saved: every later event once, in order.
+    let mut stream = client.events_from(offset);
+    while seqs.len() < ids.len() {
+        match tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            Update::Event(e) => seqs.push(e.seq),
+            other => panic!("unexpected {other} after offset {offset}"),
+        }
+    }
+    assert_eq!(seqs, (1..=400).collect::<Vec<_>>(), "no gap, no repeat");
     let log = hub_events(&hub, &admin_token(&hub)).await;
     assert_exactly_once(&log, "till-1", &ids);
     client.shutdown().await.unwrap();

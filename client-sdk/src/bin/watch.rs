@@ -154,8 +154,12 @@ fn describe(e: &Event) -> String {
     line
 }
 
+/// Minor units as `units.cents`, with the sign in front also when the units are 0
+/// (-0.50, not 0.50).
 fn money(minor: i64) -> String {
-    format!("{}.{:02}", minor / 100, (minor % 100).abs())
+    let sign = if minor < 0 { "-" } else { "" };
+    let abs = minor.unsigned_abs();
+    format!("{sign}{}.{:02}", abs / 100, abs % 100)
 }
 
 fn print_devices(d: &branchline_client::protocol::Devices) {
@@ -171,5 +175,21 @@ fn print_devices(d: &branchline_client::protocol::Devices) {
             dev.lag.map_or("-".into(), |l| l.to_string()),
             dev.last_device_seq
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::money;
+
+    #[test]
+    fn money_keeps_the_sign_of_amounts_under_one_unit() {
+        assert_eq!(money(1907), "19.07");
+        assert_eq!(money(0), "0.00");
+        assert_eq!(money(-1), "-0.01");
+        assert_eq!(money(-99), "-0.99");
+        assert_eq!(money(-100), "-1.00");
+        assert_eq!(money(-1907), "-19.07");
+        assert_eq!(money(i64::MIN), "-92233720368547758.08");
     }
 }

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use branchline_client::protocol::http::{EventsPage, Problem};
-use branchline_client::protocol::{Custom, Epoch, Event, EventBody, Name, Role};
-use branchline_client::{Backoff, ClientOptions};
+use branchline_client::protocol::http::{EventsPage, Problem, SnapshotPage};
+use branchline_client::protocol::{
+    Custom, Epoch, Event, EventBody, Name, Position, ProductRecord, Role, Sku, StockLevel,
+};
+use branchline_client::{Backoff, Client, ClientOptions};
 use branchline_hub::test_util::TestHub;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -64,8 +66,132 @@ pub fn custom(n: u64) -> EventBody {
     })
 }
 
+/// Connects, retrying while the store is still locked by a client that is going away
+/// (its task or its last handle is being dropped), for at most `limit`.
+pub async fn connect_when_unlocked(opts: ClientOptions, url: &str, limit: Duration) -> Client {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match opts.clone().connect(url).await {
+            Ok(c) => return c,
+            Err(branchline_client::Error::StoreLocked { .. })
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("connecting: {e}"),
+        }
+    }
+}
+
 /// Every event of the branch, read from the hub over HTTP with an admin token.
 pub async fn hub_events(hub: &TestHub, admin_token: &str) -> Vec<Event> {
+    hub_events_of(hub, admin_token, BRANCH).await
+}
+
+/// The hub's own state of `branch`, from its HTTP snapshot: position, products, stock.
+pub async fn hub_snapshot(
+    hub: &TestHub,
+    admin_token: &str,
+    branch: &str,
+) -> (Position, Vec<ProductRecord>, Vec<StockLevel>) {
+    let http = reqwest::Client::new();
+    let (mut products, mut stock) = (Vec::new(), Vec::new());
+    let mut token: Option<String> = None;
+    loop {
+        let mut q = vec![("limit", "10000".to_string())];
+        if let Some(t) = &token {
+            q.push(("page_token", t.clone()));
+        }
+        let page: SnapshotPage = http
+            .get(format!(
+                "{}/v1/branches/{TENANT}/{branch}/snapshot",
+                hub.http_url()
+            ))
+            .bearer_auth(admin_token)
+            .query(&q)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        for item in page.items {
+            products.extend(item.product);
+            stock.extend(item.stock);
+        }
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => return (Position::new(page.epoch, page.at_seq), products, stock),
+        }
+    }
+}
+
+/// A sample of the hub's Prometheus metrics: the value of the line starting `series `.
+pub async fn hub_metric(hub: &TestHub, series: &str) -> f64 {
+    let text = reqwest::get(format!("{}/metrics", hub.http_url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Publishes `events` stock receipts of one unit each, one per SKU `SKU-0000`…, straight to
+/// the hub over HTTP as device `seeder` (to give a branch a catalog of stock levels).
+pub async fn seed_stock(hub: &TestHub, branch: &str, skus: usize) {
+    let token = hub.token(TENANT, &[branch], "seeder", Role::Cashier);
+    let http = reqwest::Client::new();
+    let mut events = Vec::new();
+    for i in 0..skus {
+        events.push(serde_json::json!({
+            "branch": branch,
+            "event_id": uuid::Uuid::now_v7(),
+            "device_seq": i + 1,
+            "client_time_ms": 0,
+            "kind": "stock.adjusted",
+            "body": {"sku": sku_n(i).as_str(), "delta": 1, "reason": "receipt"},
+        }));
+    }
+    for chunk in events.chunks(500) {
+        let resp = http
+            .post(format!(
+                "{}/v1/branches/{TENANT}/{branch}/events",
+                hub.http_url()
+            ))
+            .bearer_auth(&token)
+            .json(&serde_json::json!({"client_time_ms": 0, "events": chunk}))
+            .send()
+            .await
+            .unwrap();
+        assert!(resp.status().is_success(), "seeding: {}", resp.status());
+        let body: serde_json::Value = resp.json().await.unwrap();
+        assert!(
+            body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["type"] == "accepted"),
+            "{body}"
+        );
+    }
+}
+
+/// The SKU `seed_stock` uses for item `i`.
+pub fn sku_n(i: usize) -> Sku {
+    Sku::new(format!("SKU-{i:04}")).unwrap()
+}
+
+/// Every event of `branch`, read from the hub over HTTP with an admin token.
+pub async fn hub_events_of(hub: &TestHub, admin_token: &str, branch: &str) -> Vec<Event> {
     let http = reqwest::Client::new();
     let mut out = Vec::new();
     let mut after = 0;
@@ -77,7 +203,7 @@ pub async fn hub_events(hub: &TestHub, admin_token: &str) -> Vec<Event> {
         }
         let resp = http
             .get(format!(
-                "{}/v1/branches/{TENANT}/{BRANCH}/events",
+                "{}/v1/branches/{TENANT}/{branch}/events",
                 hub.http_url()
             ))
             .bearer_auth(admin_token)
@@ -119,9 +245,19 @@ pub struct Proxy {
 struct ProxyState {
     target: std::sync::Mutex<SocketAddr>,
     block_upgrades: AtomicBool,
+    /// Hold WebSocket upgrade requests open without forwarding or answering them.
+    stall_upgrades: AtomicBool,
+    stalled_upgrades: AtomicU64,
+    /// 0: off; else cut each WebSocket connection this many ms after it opened.
+    hold_websockets_ms: AtomicU64,
     refuse_all: AtomicBool,
+    /// Swallow everything the hub sends (its answers are lost; what the client sends
+    /// still arrives).
+    mute: AtomicBool,
     /// 0: off; else cut each connection after a random 0..n bytes from the hub.
     random_cut: AtomicU64,
+    /// 0: off; else cut each connection after exactly n bytes from the hub.
+    fixed_cut: AtomicU64,
     cuts: watch::Sender<u64>,
     stalls: watch::Sender<u64>,
     connections: AtomicU64,
@@ -136,8 +272,13 @@ impl Proxy {
         let state = Arc::new(ProxyState {
             target: std::sync::Mutex::new(target),
             block_upgrades: AtomicBool::new(false),
+            stall_upgrades: AtomicBool::new(false),
+            stalled_upgrades: AtomicU64::new(0),
+            hold_websockets_ms: AtomicU64::new(0),
             refuse_all: AtomicBool::new(false),
+            mute: AtomicBool::new(false),
             random_cut: AtomicU64::new(0),
+            fixed_cut: AtomicU64::new(0),
             cuts,
             stalls,
             connections: AtomicU64::new(0),
@@ -183,6 +324,34 @@ impl Proxy {
         }
     }
 
+    /// Hold new WebSocket upgrade requests open, unanswered, until the next cut (a
+    /// middlebox that swallows upgrades); plain HTTP passes.
+    pub fn stall_upgrades(&self, on: bool) {
+        self.state.stall_upgrades.store(on, Ordering::SeqCst);
+    }
+
+    /// Upgrade requests held by [`Proxy::stall_upgrades`] so far.
+    pub fn stalled_upgrades(&self) -> u64 {
+        self.state.stalled_upgrades.load(Ordering::SeqCst)
+    }
+
+    /// Cut each new WebSocket connection `after` it opened (a socket that connects but
+    /// cannot be held); `None` turns it off. Plain HTTP passes.
+    pub fn hold_websockets_for(&self, after: Option<Duration>) {
+        let ms = after.map_or(0, |d| d.as_millis().max(1) as u64);
+        self.state.hold_websockets_ms.store(ms, Ordering::SeqCst);
+    }
+
+    /// Swallow everything the hub sends, on open and new connections, while `on`.
+    pub fn mute(&self, on: bool) {
+        self.state.mute.store(on, Ordering::SeqCst);
+    }
+
+    /// Cut each new connection after exactly `bytes` bytes from the hub; 0 turns it off.
+    pub fn fixed_cuts(&self, bytes: u64) {
+        self.state.fixed_cut.store(bytes, Ordering::SeqCst);
+    }
+
     /// Close every new connection at once (the hub looks down).
     pub fn refuse_all(&self, on: bool) {
         self.state.refuse_all.store(on, Ordering::SeqCst);
@@ -216,11 +385,15 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
         Ok(n) => n,
     };
     first.truncate(n);
-    if st.block_upgrades.load(Ordering::SeqCst)
-        && String::from_utf8_lossy(&first)
-            .to_ascii_lowercase()
-            .contains("upgrade: websocket")
-    {
+    let upgrade = String::from_utf8_lossy(&first)
+        .to_ascii_lowercase()
+        .contains("upgrade: websocket");
+    if upgrade && st.stall_upgrades.load(Ordering::SeqCst) {
+        st.stalled_upgrades.fetch_add(1, Ordering::SeqCst);
+        let _ = cuts.changed().await;
+        return;
+    }
+    if upgrade && st.block_upgrades.load(Ordering::SeqCst) {
         let _ = client
             .write_all(
                 b"HTTP/1.1 502 Bad Gateway\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
@@ -236,10 +409,21 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
         return;
     }
     let max = st.random_cut.load(Ordering::SeqCst);
-    let mut budget = if max == 0 {
-        u64::MAX
-    } else {
+    let fixed = st.fixed_cut.load(Ordering::SeqCst);
+    let mut budget = if fixed > 0 {
+        fixed
+    } else if max > 0 {
         rand::rng().random_range(0..max)
+    } else {
+        u64::MAX
+    };
+    let hold_ms = st.hold_websockets_ms.load(Ordering::SeqCst);
+    let hold = async {
+        if upgrade && hold_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
     };
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
@@ -252,7 +436,7 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
                 Ok(n) => n,
             };
             let take = (n as u64).min(budget) as usize;
-            if cw.write_all(&buf[..take]).await.is_err() {
+            if !st.mute.load(Ordering::SeqCst) && cw.write_all(&buf[..take]).await.is_err() {
                 return;
             }
             budget -= take as u64;
@@ -265,6 +449,7 @@ async fn handle(mut client: TcpStream, st: Arc<ProxyState>) {
         _ = up => false,
         () = down => false,
         _ = cuts.changed() => false,
+        () = hold => false,
         _ = stalls.changed() => true,
     };
     if stalled {
