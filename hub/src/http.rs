@@ -849,6 +849,15 @@ async fn push(
                     p.branch, key.branch
                 ),
             )),
+            // What a WebSocket would refuse as a frame is refused here too: both transports
+            // take the same events.
+            Ok(p) if publish_bytes(&p) > limits.max_frame_bytes => answers.push(rejected(
+                ErrorCode::MessageTooBig,
+                format!(
+                    "the event is over {} bytes (the hub's frame limit)",
+                    limits.max_frame_bytes
+                ),
+            )),
             Ok(p) => {
                 let rx = handle.submit(p, claims.device.clone(), offset_ms).await;
                 let branch = key.branch.clone();
@@ -868,6 +877,15 @@ async fn push(
         },
         &headers,
     )
+}
+
+/// Bytes of `publish` as a MessagePack `publish` frame (as a WebSocket would carry it).
+fn publish_bytes(publish: &Publish) -> usize {
+    // The frame's `"type": "publish"` entry: two short strings of 4 and 7 bytes.
+    const TYPE_ENTRY: usize = 1 + 4 + 1 + 7;
+    Codec::MsgPack
+        .encode(publish)
+        .map_or(usize::MAX, |b| b.len() + TYPE_ENTRY)
 }
 
 #[derive(Deserialize)]

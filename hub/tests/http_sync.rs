@@ -1471,3 +1471,31 @@ async fn a_msgpack_event_outside_the_data_model_is_refused_alone() {
     }
     assert_eq!(accepted(&r.results[3]).seq, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_over_the_frame_limit_is_refused_alone_as_over_a_websocket() {
+    let hub = TestHub::start_with(|c| c.limits.max_frame_bytes = 8 << 10).await;
+    let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
+    let big = EventBody::Custom(Custom {
+        custom_type: "x".into(),
+        data: serde_json::json!("y".repeat(10_000)),
+    });
+    let r = api
+        .push(
+            "acme",
+            "b1",
+            vec![
+                publish("b1", 1, note(1)),
+                publish("b1", 2, big),
+                publish("b1", 2, note(2)),
+            ],
+        )
+        .await;
+    assert_eq!(accepted(&r.results[0]).seq, 1);
+    assert_eq!(rejected(&r.results[1]).code, ErrorCode::MessageTooBig);
+    assert_eq!(
+        accepted(&r.results[2]).seq,
+        2,
+        "the one behind takes its device_seq"
+    );
+}
