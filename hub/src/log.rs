@@ -456,6 +456,68 @@ fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
     Ok((head, devices))
 }
 
+/// The rounds one commit adds to one branch, in seq order.
+struct BranchRounds<'a> {
+    branch: &'a Arc<BranchKey>,
+    ops: Vec<&'a Op>,
+}
+
+impl BranchRounds<'_> {
+    /// One `E` value with every event, the `H` value of the last round, and one `D` value
+    /// per bucket of their ids, all keyed by the last seq.
+    fn write(&self, batch: &mut sled::Batch) {
+        let rounds = || {
+            self.ops.iter().filter_map(|op| match op {
+                Op::Round {
+                    events,
+                    ids,
+                    head,
+                    devices,
+                    ..
+                } => Some((events, ids, *head, devices)),
+                _ => None,
+            })
+        };
+        let Some((_, _, head, devices)) = rounds().last() else {
+            return;
+        };
+        let size = rounds()
+            .flat_map(|(events, ..)| events.iter())
+            .map(|e| 20 + e.bytes.len())
+            .sum();
+        let mut value = Vec::with_capacity(size);
+        // Ids made within the same second share a bucket: usually one key.
+        let mut buckets: Vec<([u8; 8], Vec<u8>)> = Vec::new();
+        for (events, ids, ..) in rounds() {
+            for (event, (id, hash)) in events.iter().zip(ids.iter()) {
+                push_entry(&mut value, event);
+                let bucket = dedup_bucket(id);
+                let at = match buckets.iter().position(|(b, _)| *b == bucket) {
+                    Some(at) => at,
+                    None => {
+                        buckets.push((bucket, Vec::new()));
+                        buckets.len() - 1
+                    }
+                };
+                let entry = &mut buckets[at].1;
+                entry.extend_from_slice(id.as_bytes());
+                entry.extend_from_slice(&event.seq.to_be_bytes());
+                entry.extend_from_slice(&hash.to_be_bytes());
+                entry.extend_from_slice(&event.server_time_ms.to_be_bytes());
+            }
+        }
+        let branch = self.branch;
+        batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
+        batch.insert(key(HEAD, branch, &[]), encode_head(head, devices));
+        for (bucket, entries) in buckets {
+            let mut suffix = [0u8; 16];
+            suffix[..8].copy_from_slice(&bucket);
+            suffix[8..].copy_from_slice(&head.to_be_bytes());
+            batch.insert(key(DEDUP, branch, &suffix), entries);
+        }
+    }
+}
+
 /// How long opening a store waits for a lock held by a hub stopping in this process.
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -599,45 +661,21 @@ impl EventLog for SledLog {
 
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
+        // The rounds of one branch in this commit are consecutive: they are written as one,
+        // so a commit costs a few keys per branch however many rounds its writers made.
+        let mut rounds: Vec<BranchRounds<'_>> = Vec::new();
+        let mut of_branch: HashMap<&BranchKey, usize> = HashMap::new();
         for op in ops {
             match op {
-                Op::Round {
-                    branch,
-                    events,
-                    ids,
-                    head,
-                    devices,
-                } => {
-                    let size = events.iter().map(|e| 20 + e.bytes.len()).sum();
-                    let mut value = Vec::with_capacity(size);
-                    for event in events {
-                        push_entry(&mut value, event);
-                    }
-                    batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
-                    batch.insert(key(HEAD, branch, &[]), encode_head(*head, devices));
-                    // Ids made within the same second share a bucket: usually one key.
-                    let mut buckets: Vec<([u8; 8], Vec<u8>)> = Vec::new();
-                    for (event, (id, hash)) in events.iter().zip(ids) {
-                        let bucket = dedup_bucket(id);
-                        let at = match buckets.iter().position(|(b, _)| *b == bucket) {
-                            Some(at) => at,
-                            None => {
-                                buckets.push((bucket, Vec::new()));
-                                buckets.len() - 1
-                            }
-                        };
-                        let value = &mut buckets[at].1;
-                        value.extend_from_slice(id.as_bytes());
-                        value.extend_from_slice(&event.seq.to_be_bytes());
-                        value.extend_from_slice(&hash.to_be_bytes());
-                        value.extend_from_slice(&event.server_time_ms.to_be_bytes());
-                    }
-                    for (bucket, value) in buckets {
-                        let mut suffix = [0u8; 16];
-                        suffix[..8].copy_from_slice(&bucket);
-                        suffix[8..].copy_from_slice(&head.to_be_bytes());
-                        batch.insert(key(DEDUP, branch, &suffix), value);
-                    }
+                Op::Round { branch, .. } => {
+                    let at = *of_branch.entry(&**branch).or_insert_with(|| {
+                        rounds.push(BranchRounds {
+                            branch,
+                            ops: Vec::new(),
+                        });
+                        rounds.len() - 1
+                    });
+                    rounds[at].ops.push(op);
                 }
                 Op::Product { branch, sku, state } => {
                     batch.insert(
@@ -659,6 +697,9 @@ impl EventLog for SledLog {
                     batch.insert(key(CONFLICT, branch, id.as_bytes()), record.as_ref());
                 }
             }
+        }
+        for r in &rounds {
+            r.write(&mut batch);
         }
         self.tree.apply_batch(batch)?;
         Ok(())
@@ -1001,7 +1042,10 @@ mod tests {
                 devices: vec![(Name::new("till-1").unwrap(), round + 1)],
             })
             .collect();
-        log.apply(&ops).unwrap();
+        // Three commits of one round each.
+        for op in &ops {
+            log.apply(std::slice::from_ref(op)).unwrap();
+        }
         log.flush().unwrap();
         let got = log.read_events(&b, 255, 300, 10).unwrap();
         let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
@@ -1112,6 +1156,44 @@ mod tests {
         assert_eq!(log.dedup(&b, &old[1]).unwrap(), None);
         assert!(log.dedup(&b, &new[9]).unwrap().is_some());
         assert!(log.dedup(&other, &new[0]).unwrap().is_some());
+    }
+
+    #[test]
+    fn rounds_of_one_commit_are_stored_as_one_and_read_back_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let (a, b) = (
+            Arc::new(branch("acme", "b1")),
+            Arc::new(branch("acme", "b2")),
+        );
+        log.open_branch(&a).unwrap();
+        log.open_branch(&b).unwrap();
+        let ids: Vec<Uuid> = (0..6).map(|n| id_at(5_000, n)).collect();
+        // Two branches' rounds interleaved, as writers hand them to one commit.
+        log.apply(&[
+            round(&a, 1, &ids[..2], 10),
+            round(&b, 1, &ids[2..3], 10),
+            round(&a, 3, &ids[3..5], 11),
+            round(&b, 2, &ids[5..], 11),
+        ])
+        .unwrap();
+        let seqs = |k: &BranchKey| -> Vec<u64> {
+            log.read_events(k, 0, 10, 10)
+                .unwrap()
+                .iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        assert_eq!((seqs(&a), seqs(&b)), (vec![1, 2, 3, 4], vec![1, 2]));
+        assert_eq!(log.position(&a).unwrap().0, 4, "the head of the last round");
+        assert_eq!(log.dedup(&a, &ids[4]).unwrap().map(|e| e.seq), Some(4));
+        assert_eq!(log.dedup(&b, &ids[5]).unwrap().map(|e| e.seq), Some(2));
+        assert_eq!(
+            log.trim(&a, 2).unwrap(),
+            0,
+            "one stored round: it stays until the floor passes its last event"
+        );
+        assert_eq!(log.trim(&a, 4).unwrap(), 4);
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub enum HubError {
     /// An I/O failure (starting the committer thread, binding).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The shutdown grace ran out with these parts of the hub still busy. Every acknowledged
+    /// event is on disk (commits flush before they answer), but the final flush may not have
+    /// run.
+    #[error("shutdown took longer than the grace: {0} unfinished")]
+    Unfinished(String),
 }
 
 /// Everything the parts of a running hub share.
@@ -265,10 +270,12 @@ impl Hub {
         .map_err(|_| StoreError::Failed)?
     }
 
-    /// Stops everything, in order, within the configured grace.
-    async fn stop(&self) {
+    /// Stops everything, in order, within the configured grace; says what was still busy
+    /// when it ran out.
+    async fn stop(&self) -> Result<(), HubError> {
         // One deadline for every phase: the whole stop fits in the grace.
         let deadline = tokio::time::Instant::now() + self.config.shutdown_grace;
+        let mut unfinished = Vec::new();
         self.shutdown.cancel();
         self.conns.close();
         if tokio::time::timeout_at(deadline, self.conns.wait())
@@ -276,6 +283,7 @@ impl Hub {
             .is_err()
         {
             tracing::warn!("connections still open after the shutdown grace");
+            unfinished.push("connections");
         }
         self.branches.close();
         self.writers.close();
@@ -284,6 +292,7 @@ impl Hub {
             .is_err()
         {
             tracing::warn!("branch writers still busy after the shutdown grace");
+            unfinished.push("branch writers");
         }
         let committer = self
             .committer
@@ -294,13 +303,25 @@ impl Hub {
             let join = tokio::task::spawn_blocking(move || committer.join());
             if tokio::time::timeout_at(deadline, join).await.is_err() {
                 tracing::warn!("the committer did not finish within the shutdown grace");
+                unfinished.push("the committer");
             }
         }
-        // A store that failed is left marked as not stopped cleanly.
+        // A store that failed, or whose committer may still write, is left marked as not
+        // stopped cleanly.
         if !self.failed.load(Ordering::Acquire) {
-            if let Err(e) = self.log.flush().and_then(|()| self.log.end_run()) {
+            let flushed = self.log.flush();
+            let ended = match flushed {
+                Ok(()) if unfinished.is_empty() => self.log.end_run(),
+                other => other,
+            };
+            if let Err(e) = ended {
                 tracing::error!(error = %e, "final flush failed");
             }
+        }
+        if unfinished.is_empty() {
+            Ok(())
+        } else {
+            Err(HubError::Unfinished(unfinished.join(", ")))
         }
     }
 }
@@ -329,16 +350,16 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), HubError> {
     let hub = Hub::open(config)?;
-    serve(hub, listener, shutdown).await;
-    Ok(())
+    serve(hub, listener, shutdown).await
 }
 
-/// Serves an opened hub until `shutdown` resolves.
+/// Serves an opened hub until `shutdown` resolves, then stops it; an error says the stop ran
+/// out of grace.
 pub async fn serve(
     hub: Arc<Hub>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
-) {
+) -> Result<(), HubError> {
     let app = crate::http::router(hub.clone());
     let overloaded = crate::http::overloaded();
     let limits = &hub.config.limits;
@@ -388,7 +409,7 @@ pub async fn serve(
             .spawn(connection(stream, router, guard, hub.shutdown.clone()));
     }
     drop(listener);
-    hub.stop().await;
+    hub.stop().await
 }
 
 async fn connection(

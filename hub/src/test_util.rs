@@ -34,7 +34,7 @@ pub struct TestHub {
     hub: Arc<Hub>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<Result<(), crate::HubError>>>,
     dir: Arc<tempfile::TempDir>,
     config: Config,
 }
@@ -156,7 +156,9 @@ impl TestHub {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            let _ = task.await;
+            if let Ok(Err(e)) = task.await {
+                panic!("the test hub did not stop cleanly: {e}");
+            }
         }
     }
 

@@ -169,5 +169,8 @@ async fn events_trimmed_during_a_read_answer_resync_required() {
     assert!(page.events.is_empty() && !page.has_more);
 
     let _ = stop.send(());
-    server.await.unwrap();
+    server
+        .await
+        .unwrap()
+        .expect("the hub stops within its grace");
 }

@@ -125,7 +125,7 @@ struct Running {
     url: String,
     hub: Arc<Hub>,
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Result<(), branchline_hub::HubError>>,
 }
 
 async fn start(dir: &std::path::Path, fail: Arc<AtomicBool>, fault: Fault) -> Running {
@@ -278,7 +278,11 @@ async fn failure_acknowledges_nothing(fault: Fault) {
 
     drop((till, follower));
     running.stop.send(()).unwrap();
-    running.task.await.unwrap();
+    running
+        .task
+        .await
+        .unwrap()
+        .expect("the hub stops within its grace");
     drop(running.hub);
 
     // After a restart the store holds everything acknowledged. A write that failed left
@@ -311,5 +315,9 @@ async fn failure_acknowledges_nothing(fault: Fault) {
         .unwrap();
     assert_eq!((next.seq, next.duplicate), (5, false));
     running.stop.send(()).unwrap();
-    running.task.await.unwrap();
+    running
+        .task
+        .await
+        .unwrap()
+        .expect("the hub stops within its grace");
 }
