@@ -478,7 +478,7 @@ impl BranchRounds<'_> {
                 _ => None,
             })
         };
-        let Some((_, _, head, devices)) = rounds().last() else {
+        let Some((_, _, head, devices)) = rounds().next_back() else {
             return;
         };
         let size = rounds()
