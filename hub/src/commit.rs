@@ -1,13 +1,12 @@
 //! The group committer: many appends from every branch, one atomic write, one flush, then
 //! acknowledge and release.
 //!
-//! Branch writers hand [`CommitItem`]s to the applier thread, which writes everything queued
-//! as one atomic sled batch and passes the group on to the flusher thread. While the flusher
-//! waits for the disk, the applier writes the next group, and new items queue up behind it;
-//! the next flush takes every group applied meanwhile, so its cost is shared by all their
-//! events and the disk's latency overlaps the CPU work. Only after the flush does the
-//! flusher publish each branch's new head, fan the events out to its room and run the
-//! publishers' replies, in order. No client ever sees an event a crash could take back.
+//! Branch writers hand [`CommitItem`]s to one dedicated thread. While it writes and flushes,
+//! new items queue up; the next round takes all of them at once, so the flush cost is shared
+//! by every event that arrived meanwhile (and the rounds one branch's writer made meanwhile
+//! are stored as one, see [`crate::log`]). Only after the write is durable does the thread
+//! publish each branch's new head, fan the events out to its room and run the publishers'
+//! replies. No client ever sees an event a crash could take back.
 //!
 //! A failed write or flush is fatal for the store: the affected publishes are answered
 //! `storage_unavailable`, the failure is logged and counted, and every later write is refused
@@ -73,14 +72,14 @@ impl CommitSender {
     }
 }
 
-/// The committer: an applier thread and, when commits are durable, a flusher thread.
+/// The committer thread.
 pub struct Committer {
-    threads: Vec<JoinHandle<()>>,
+    handle: JoinHandle<()>,
 }
 
 impl Committer {
-    /// Starts the committer. It runs until every [`CommitSender`] is dropped, then flushes
-    /// once more and exits.
+    /// Starts the committer thread. It runs until every [`CommitSender`] is dropped, then
+    /// flushes once more and exits.
     pub fn start(
         log: Arc<dyn EventLog>,
         rooms: Arc<Rooms>,
@@ -95,60 +94,25 @@ impl Committer {
             metrics,
             failed,
         };
-        let mut threads = Vec::new();
-        let flusher = if durable {
-            // Two applied groups in flight at most: while one flushes, the applier fills the
-            // next; past that it waits, and the groups grow instead.
-            let (flush_tx, flush_rx) = std::sync::mpsc::sync_channel(2);
-            let s = shared.clone();
-            threads.push(
-                std::thread::Builder::new()
-                    .name("branchline-flush".into())
-                    .spawn(move || flush(&flush_rx, &s))?,
-            );
-            Some(flush_tx)
-        } else {
-            None
-        };
-        threads.push(
-            std::thread::Builder::new()
-                .name("branchline-commit".into())
-                .spawn(move || apply(rx, &shared, flusher))?,
-        );
-        Ok((Self { threads }, CommitSender { tx }))
+        let handle = std::thread::Builder::new()
+            .name("branchline-commit".into())
+            .spawn(move || run(rx, &shared, durable))?;
+        Ok((Self { handle }, CommitSender { tx }))
     }
 
-    /// Waits for the threads to finish (after every sender is dropped).
+    /// Waits for the thread to finish (after every sender is dropped).
     pub fn join(self) {
-        for thread in self.threads.into_iter().rev() {
-            if thread.join().is_err() {
-                tracing::error!("a committer thread panicked");
-            }
+        if self.handle.join().is_err() {
+            tracing::error!("the committer thread panicked");
         }
     }
 }
 
-#[derive(Clone)]
 struct Shared {
     log: Arc<dyn EventLog>,
     rooms: Arc<Rooms>,
     metrics: Arc<Metrics>,
     failed: Arc<AtomicBool>,
-}
-
-impl Shared {
-    fn fail(&self, err: &crate::log::StoreError) {
-        self.failed.store(true, Ordering::Release);
-        self.metrics.store_error();
-        tracing::error!(error = %err, "commit failed; refusing writes until restart");
-    }
-}
-
-/// Items written together, waiting for their flush.
-struct Group {
-    items: Vec<CommitItem>,
-    ops: usize,
-    started: Instant,
 }
 
 fn refuse(items: Vec<CommitItem>) {
@@ -159,13 +123,13 @@ fn refuse(items: Vec<CommitItem>) {
     }
 }
 
-/// The applier: takes everything queued (up to [`MAX_OPS_PER_COMMIT`]), applies it as one
-/// atomic batch, and hands the group to the flusher (or, without fsync, releases it).
-fn apply(
-    mut rx: mpsc::Receiver<CommitItem>,
-    shared: &Shared,
-    flusher: Option<std::sync::mpsc::SyncSender<Group>>,
-) {
+/// Takes everything queued (up to [`MAX_OPS_PER_COMMIT`]), applies it as one atomic batch,
+/// flushes, and releases it; meanwhile new items queue up for the next round.
+///
+/// Writing and flushing stay on this one thread on purpose: sled 0.34 guards every write
+/// batch and every flush with one process-wide lock, so a second thread would not overlap
+/// them, and a flush racing a batch on another thread is a known source of sled deadlocks.
+fn run(mut rx: mpsc::Receiver<CommitItem>, shared: &Shared, durable: bool) {
     let mut ops: Vec<Op> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut op_count = first.ops.len();
@@ -185,79 +149,43 @@ fn apply(
         let started = Instant::now();
         // After a failure nothing is released, not even a round without writes: its head
         // would include events of the failed commit that the writer still counts.
-        if shared.failed.load(Ordering::Acquire) {
-            refuse(items);
-        } else if let Err(err) = shared.log.apply(&ops) {
-            shared.fail(&err);
-            refuse(items);
-        } else {
-            let group = Group {
-                items,
-                ops: ops.len(),
-                started,
-            };
-            match &flusher {
-                Some(flusher) => {
-                    if let Err(std::sync::mpsc::SendError(group)) = flusher.send(group) {
-                        // The flusher is gone (it panicked): nothing can be made durable.
-                        refuse(group.items);
-                    }
-                }
-                None => release_group(group, shared),
-            }
-        }
-        ops.clear();
-    }
-    match flusher {
-        // Dropping the sender lets the flusher finish its last groups and exit.
-        Some(flusher) => drop(flusher),
-        None if !shared.failed.load(Ordering::Acquire) => {
-            if let Err(err) = shared.log.flush() {
-                tracing::error!(error = %err, "final flush failed");
-            }
-        }
-        None => {}
-    }
-}
-
-/// The flusher: one flush for every group applied since the last one started, then releases
-/// them in order. A group is released only after a flush that began after it was applied.
-fn flush(rx: &std::sync::mpsc::Receiver<Group>, shared: &Shared) {
-    let mut groups = Vec::new();
-    while let Ok(first) = rx.recv() {
-        groups.push(first);
-        groups.extend(rx.try_iter());
-        // After a failure (here or in the applier), nothing more is flushed: refused rounds
-        // may still sit in sled's buffers, and they were answered as not accepted.
         let result = if shared.failed.load(Ordering::Acquire) {
             Err(None)
+        } else if ops.is_empty() {
+            Ok(())
         } else {
-            shared.log.flush().map_err(Some)
+            shared
+                .log
+                .apply(&ops)
+                .and_then(|()| if durable { shared.log.flush() } else { Ok(()) })
+                .map_err(Some)
         };
         match result {
             Ok(()) => {
-                for group in groups.drain(..) {
-                    release_group(group, shared);
+                if !ops.is_empty() {
+                    shared.metrics.commit(started.elapsed(), ops.len());
+                }
+                for item in items {
+                    release(item, &shared.rooms);
                 }
             }
             Err(err) => {
                 if let Some(err) = err {
-                    shared.fail(&err);
+                    shared.failed.store(true, Ordering::Release);
+                    shared.metrics.store_error();
+                    tracing::error!(error = %err, "commit failed; refusing writes until restart");
                 }
-                for group in groups.drain(..) {
-                    refuse(group.items);
-                }
+                refuse(items);
             }
         }
+        ops.clear();
     }
-}
-
-fn release_group(group: Group, shared: &Shared) {
-    if group.ops > 0 {
-        shared.metrics.commit(group.started.elapsed(), group.ops);
-    }
-    for item in group.items {
-        release(item, &shared.rooms);
+    // After a failure, nothing more is flushed: the refused rounds may still sit in sled's
+    // buffers, and they were answered as not accepted.
+    if !shared.failed.load(Ordering::Acquire) {
+        if let Err(err) = shared.log.flush() {
+            tracing::error!(error = %err, "final flush failed");
+        }
     }
 }
 

@@ -107,12 +107,18 @@ pub fn router(hub: Arc<Hub>) -> Router {
 /// What connections over the limit or rate get: 503 and a hint to retry.
 pub fn overloaded() -> Router {
     Router::new().fallback(|headers: HeaderMap| async move {
-        ApiError::new(
+        let mut response = ApiError::new(
             ErrorCode::Overloaded,
             "the hub is at its connection limit; retry shortly",
             &headers,
         )
         .retry_after(Duration::from_secs(1))
+        .into_response();
+        // The connection is not kept: its slot is what the hub is short of.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        response
     })
 }
 

@@ -48,8 +48,13 @@ pub enum HubError {
     /// The shutdown grace ran out with these parts of the hub still busy. Every acknowledged
     /// event is on disk (commits flush before they answer), but the final flush may not have
     /// run.
-    #[error("shutdown took longer than the grace: {0} unfinished")]
-    Unfinished(String),
+    #[error("shutdown took longer than the grace of {grace}: {what} unfinished")]
+    Unfinished {
+        /// The grace, as written in the configuration.
+        grace: humantime::FormattedDuration,
+        /// What was still busy.
+        what: String,
+    },
 }
 
 /// Everything the parts of a running hub share.
@@ -321,7 +326,10 @@ impl Hub {
         if unfinished.is_empty() {
             Ok(())
         } else {
-            Err(HubError::Unfinished(unfinished.join(", ")))
+            Err(HubError::Unfinished {
+                grace: humantime::format_duration(self.config.shutdown_grace),
+                what: unfinished.join(", "),
+            })
         }
     }
 }

@@ -28,13 +28,15 @@ use crate::server::Hub;
 /// The secret test hubs sign tokens with.
 pub const TEST_SECRET: &str = "branchline-test-secret-0123456789abcdef";
 
-/// A running hub for tests. Stop it with [`TestHub::stop`]; dropping it stops it too (without
-/// waiting).
+/// A running hub for tests. Stop it with [`TestHub::stop`]; dropping it stops it too, and
+/// on a multi-threaded runtime waits (up to [`DROP_WAIT`]) until the stop has finished.
 pub struct TestHub {
     hub: Arc<Hub>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), crate::HubError>>>,
+    /// Told when the hub's serve task ended (its stop finished, or it was cancelled).
+    ended: std::sync::mpsc::Receiver<()>,
     dir: Arc<tempfile::TempDir>,
     config: Config,
 }
@@ -67,14 +69,21 @@ impl TestHub {
         let addr = listener.local_addr().expect("a local address");
         let hub = Hub::open(config.clone()).expect("the test hub starts");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(crate::server::serve(hub.clone(), listener, async move {
+        let (end, ended) = std::sync::mpsc::channel();
+        let serving = crate::server::serve(hub.clone(), listener, async move {
             let _ = stopped.await;
-        }));
+        });
+        let task = tokio::spawn(async move {
+            // Dropped with the task, whichever way it ends: the receiver then learns it.
+            let _end = end;
+            serving.await
+        });
         Self {
             hub,
             addr,
             stop: Some(stop),
             task: Some(task),
+            ended,
             dir,
             config,
         }
@@ -171,10 +180,21 @@ impl TestHub {
     }
 }
 
+/// How long dropping a [`TestHub`] waits for its stop.
+pub const DROP_WAIT: Duration = Duration::from_secs(30);
+
 impl Drop for TestHub {
+    /// Stops the hub, and waits for it where the runtime can run the stop meanwhile: a store
+    /// left to close by itself as the test's runtime goes away can hang sled 0.34's
+    /// process-wide locks for the other tests of the process.
     fn drop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
+            let multi_thread = tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+            if multi_thread {
+                let _ = self.ended.recv_timeout(DROP_WAIT);
+            }
         }
     }
 }

@@ -10,54 +10,24 @@
 mod support;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::auth::Branches;
 use branchline_hub::protocol::http::EventsPage;
 use branchline_hub::protocol::*;
 use futures::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
+use support::process::{HubProcess, SECRET, mint};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-const SECRET: &str = "crash-test-secret-0123456789abcdef";
 const WINDOW: usize = 32;
 
-/// Starts the hub binary on an ephemeral port; returns the process and its address.
-async fn spawn_hub(data: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_branchline-hub"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log",
-            "warn",
-            "--token-secret",
-            SECRET,
-        ])
-        .arg("--data")
-        .arg(data)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("branchline-hub listening on http://") {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("the hub exited before listening");
-    })
-    .await
-    .unwrap();
-    (child, addr)
+/// The hub binary on `data` with the process tests' secret.
+async fn spawn_hub(data: &std::path::Path) -> HubProcess {
+    HubProcess::start(data, &["--token-secret", SECRET]).await
 }
 
 fn token(branch: &str, device: &str, role: Role) -> String {
@@ -66,14 +36,7 @@ fn token(branch: &str, device: &str, role: Role) -> String {
     } else {
         Branches::List(vec![name(branch)])
     };
-    let claims = Claims::new(
-        name("acme"),
-        branches,
-        name(device),
-        role,
-        Duration::from_secs(3_600),
-    );
-    TokenKeys::new(SECRET.as_bytes()).mint(&claims).unwrap()
+    mint(branches, device, role)
 }
 
 /// When each kill was ordered, in order: a publish sent before its kill and never answered
@@ -228,8 +191,8 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     const TARGET: u64 = 1_500;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut hub, addr) = spawn_hub(&data).await;
-    let (addr_tx, addr_rx) = watch::channel(addr);
+    let mut hub = spawn_hub(&data).await;
+    let (addr_tx, addr_rx) = watch::channel(hub.addr.clone());
     let kills = Kills::default();
     let devices = [
         ("b1", "till-1"),
@@ -254,11 +217,10 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
         kills.lock().unwrap().push(Instant::now());
-        hub.kill().await.unwrap(); // SIGKILL: no shutdown, no final flush
-        let (next, addr) = spawn_hub(&data).await;
-        eprintln!("round {round}: killed and restarted on {addr}");
-        hub = next;
-        addr_tx.send(addr).unwrap();
+        hub.kill_9().await;
+        hub = spawn_hub(&data).await;
+        eprintln!("round {round}: killed and restarted on {}", hub.addr);
+        addr_tx.send(hub.addr.clone()).unwrap();
     }
     let mut logs = Vec::new();
     for task in tasks {
@@ -325,15 +287,83 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
 
     // Dedup still knows events from before the crashes.
     let first = logs[0].first.clone().unwrap();
-    let mut ws = connect_url(&format!("ws://{addr}/v1/ws"), Codec::MsgPack).await;
-    ws.hello(
-        &token("b1", "till-1", Role::Cashier),
-        "acme",
-        "till-1",
-        vec![],
-    )
-    .await;
+    let mut ws = hub.till("till-1").await;
     let again = ws.publish(first.clone()).await.unwrap();
     assert_eq!((again.seq, again.duplicate), (by_id[&first.event_id], true));
-    hub.kill().await.unwrap();
+    hub.kill_9().await;
+}
+
+/// Publishes `from..=to` to b1 as till-1; the last answer.
+async fn publish_through(hub: &HubProcess, from: u64, to: u64) -> Accepted {
+    let mut till = hub.till("till-1").await;
+    let mut last = None;
+    for i in from..=to {
+        last = Some(till.publish(publish("b1", i, note(i))).await.unwrap());
+    }
+    last.unwrap()
+}
+
+/// b1 as an admin sees it.
+async fn branch_status(hub: &HubProcess) -> http::BranchStatus {
+    reqwest::Client::new()
+        .get(format!("{}/v1/branches/acme/b1", hub.http_url()))
+        .bearer_auth(token("*", "console", Role::Admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `--fsync interval` acknowledges and delivers before the flush, so a crash can take back
+/// events that clients saw, and the hub would hand their seqs to other events. After a
+/// `kill -9` the hub gives every branch a new epoch, with nothing of the old one to replay:
+/// a device resuming from the old epoch is told to resync. A clean stop keeps the epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_crash_in_interval_mode_devices_resync_instead_of_diverging() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let args = ["--token-secret", SECRET, "--fsync", "interval=10s"];
+    let hub = HubProcess::start(&data, &args).await;
+    let first = publish_through(&hub, 1, 20).await;
+    let (stopped, stderr) = hub.terminate().await;
+    assert!(stopped.success(), "{stderr}");
+    let hub = HubProcess::start(&data, &args).await;
+    let kept = branch_status(&hub).await;
+    assert_eq!(
+        (kept.epoch, kept.head),
+        (first.epoch, 20),
+        "a clean stop keeps the epoch"
+    );
+
+    let seen = publish_through(&hub, 21, 25).await;
+    assert_eq!(seen.seq, 25);
+    hub.kill_9().await;
+    let hub = HubProcess::start(&data, &args).await;
+    let after = branch_status(&hub).await;
+    assert_ne!(after.epoch, first.epoch, "a new epoch after the crash");
+    assert!(after.head <= 25, "head {}", after.head);
+    assert_eq!(
+        after.floor, after.head,
+        "nothing of the old epoch to replay"
+    );
+
+    let mut reader = connect_url(&hub.ws_url(), Codec::MsgPack).await;
+    let welcome = reader
+        .hello(
+            &token("b1", "till-2", Role::Cashier),
+            "acme",
+            "till-2",
+            vec![Subscription {
+                branch: name("b1"),
+                from: Some(Position::new(seen.epoch, seen.seq)),
+            }],
+        )
+        .await;
+    assert_eq!(
+        (welcome.branches[0].mode, welcome.branches[0].epoch),
+        (StartMode::ResyncRequired, after.epoch)
+    );
+    hub.kill_9().await;
 }

@@ -8,21 +8,17 @@
 mod support;
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
-use branchline_hub::auth::{Branches, Claims, TokenKeys};
 use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::http::{BranchStatus, EventsPage, Problem, PushResult};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
+use support::process::{BIN, HubProcess, SECRET, admin_of_all, cashier_of};
 use support::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const DAY_MS: i64 = 24 * 3_600_000;
-const BIN: &str = env!("CARGO_BIN_EXE_branchline-hub");
-const SECRET: &str = "retention-test-secret-0123456789abcdef";
 
 async fn push_notes(api: &Api, from: u64, to: u64) -> Vec<Publish> {
     let events: Vec<Publish> = (from..=to).map(|i| publish("b1", i, note(i))).collect();
@@ -172,49 +168,6 @@ async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
     assert_eq!(page(&api, Some(first.epoch), 9).await.status(), 409);
 }
 
-/// Starts the hub binary on `data`; returns it and its address. Its stdout stays piped (and
-/// open) for its life.
-async fn spawn_hub(data: &Path, args: &[&str]) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--log", "warn"])
-        .args(["--token-secret", SECRET, "--data"])
-        .arg(data)
-        .args(args)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let addr = tokio::time::timeout(WAIT, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(rest) = line.strip_prefix("branchline-hub listening on http://") {
-                return rest.split_whitespace().next().unwrap().to_string();
-            }
-        }
-        panic!("the hub exited before listening");
-    })
-    .await
-    .unwrap();
-    // Drain the rest of its output, so that its last line finds a reader.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    (child, addr)
-}
-
-fn token(device: &str, role: Role) -> String {
-    let branches = match role {
-        Role::Admin => Branches::All,
-        Role::Cashier => Branches::List(vec![name("b1")]),
-    };
-    let claims = Claims::new(
-        name("acme"),
-        branches,
-        name(device),
-        role,
-        Duration::from_secs(3_600),
-    );
-    TokenKeys::new(SECRET.as_bytes()).mint(&claims).unwrap()
-}
-
 async fn tool(args: &[&str], data: &Path) -> std::process::Output {
     let out = tokio::time::timeout(
         WAIT,
@@ -240,9 +193,11 @@ async fn tool(args: &[&str], data: &Path) -> std::process::Output {
 async fn the_background_pass_trims_the_store_and_the_log_tools_show_it() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (mut hub, addr) = spawn_hub(
+    let hub = HubProcess::start(
         &data,
         &[
+            "--token-secret",
+            SECRET,
             "--retention-max-events",
             "50",
             "--retention-interval",
@@ -250,14 +205,15 @@ async fn the_background_pass_trims_the_store_and_the_log_tools_show_it() {
         ],
     )
     .await;
-    let mut till = connect_url(&format!("ws://{addr}/v1/ws"), Codec::MsgPack).await;
-    till.hello(&token("till-1", Role::Cashier), "acme", "till-1", vec![])
+    let addr = hub.addr.clone();
+    let mut till = connect_url(&hub.ws_url(), Codec::MsgPack).await;
+    till.hello(&cashier_of("b1", "till-1"), "acme", "till-1", vec![])
         .await;
     let published = publish_one_by_one(&mut till, 1, 120).await;
 
     // No one calls for a pass: the hub's own retention tick moves the floor.
     let client = reqwest::Client::new();
-    let admin = token("console", Role::Admin);
+    let admin = admin_of_all("console");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let status: BranchStatus = client
@@ -283,20 +239,8 @@ async fn the_background_pass_trims_the_store_and_the_log_tools_show_it() {
     let again = till.publish(published[0].clone()).await.unwrap();
     assert_eq!((again.seq, again.duplicate), (1, true));
     drop(till);
-    let pid = hub.id().unwrap().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .await
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(WAIT, hub.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success());
+    let (status, stderr) = hub.terminate().await;
+    assert!(status.success(), "{stderr}");
 
     let table = String::from_utf8(tool(&["log", "inspect"], &data).await.stdout).unwrap();
     let row: Vec<&str> = table

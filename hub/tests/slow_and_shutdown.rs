@@ -102,6 +102,8 @@ async fn a_stalled_reader_stays_bounded_delays_no_one_and_resumes_gap_free() {
     eprintln!(
         "fast follower took {fast_took:?} for {TOTAL} events; queued events peaked at {max_queued}"
     );
+    drop((fast, stalled));
+    hub.stop().await;
 }
 
 /// A hub that gives up on a session after `too_slow_after`, with small queues and no
@@ -152,10 +154,10 @@ async fn a_session_that_cannot_catch_up_is_closed_as_too_slow() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_nothing_is_closed_and_holds_up_no_one() {
-    let hub = flood_hub(64, Duration::from_millis(500)).await;
+    let hub = flood_hub(4_096, Duration::from_secs(3)).await;
     // This client never reads again after its welcome: once the hub's writes to it fill the
     // socket, they stall. The hub must neither wait for it forever nor keep its slot.
-    let _frozen = till(&hub, "till-frozen", vec![live("b1")]).await;
+    let frozen = till(&hub, "till-frozen", vec![live("b1")]).await;
     let mut fast = till(&hub, "till-fast", vec![live("b1")]).await;
     let publisher = till(&hub, "till-x", vec![]).await;
     const TOTAL: u64 = 20_000;
@@ -166,6 +168,8 @@ async fn a_client_that_reads_nothing_is_closed_and_holds_up_no_one() {
     assert!(publishing.await.unwrap().iter().all(Result::is_ok));
     wait_for_metric(&hub, "branchline_too_slow_closes_total", |v| v >= 1.0).await;
     wait_for_metric(&hub, "branchline_sessions", |v| v <= 2.0).await;
+    drop((fast, frozen));
+    hub.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -16,6 +16,8 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use uuid::Uuid;
 
+pub mod process;
+
 /// How long a test waits for any one thing before failing.
 pub const WAIT: Duration = Duration::from_secs(15);
 
