@@ -4,9 +4,10 @@
 //! Branch writers hand [`CommitItem`]s to one dedicated thread. While it writes and flushes,
 //! new items queue up; the next round takes all of them at once, so the flush cost is shared
 //! by every event that arrived meanwhile (and the rounds one branch's writer made meanwhile
-//! are stored as one, see [`crate::log`]). Only after the write is durable does the thread
-//! publish each branch's new head, fan the events out to its room and run the publishers'
-//! replies. No client ever sees an event a crash could take back.
+//! are stored as one, see [`crate::log`]). Only after the write is durable does a second
+//! thread, in commit order, publish each branch's new head, fan the events out to its room
+//! and run the publishers' replies, while the first writes the next round. No client ever
+//! sees an event a crash could take back.
 //!
 //! A failed write or flush is fatal for the store: the affected publishes are answered
 //! `storage_unavailable`, the failure is logged and counted, and every later write is refused
@@ -72,9 +73,9 @@ impl CommitSender {
     }
 }
 
-/// The committer thread.
+/// The committer: the thread that writes and flushes, and the one that releases.
 pub struct Committer {
-    handle: JoinHandle<()>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl Committer {
@@ -88,31 +89,65 @@ impl Committer {
         failed: Arc<AtomicBool>,
     ) -> std::io::Result<(Self, CommitSender)> {
         let (tx, rx) = mpsc::channel(QUEUE);
+        // A few written groups may wait for release; past that the writing thread waits.
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(RELEASE_QUEUE);
         let shared = Shared {
             log,
-            rooms,
-            metrics,
+            metrics: metrics.clone(),
             failed,
         };
-        let handle = std::thread::Builder::new()
+        let release = std::thread::Builder::new()
+            .name("branchline-release".into())
+            .spawn(move || {
+                for group in done_rx {
+                    release_group(group, &rooms, &metrics);
+                }
+            })?;
+        let commit = std::thread::Builder::new()
             .name("branchline-commit".into())
-            .spawn(move || run(rx, &shared, durable))?;
-        Ok((Self { handle }, CommitSender { tx }))
+            .spawn(move || run(rx, &shared, durable, &done_tx))?;
+        Ok((
+            Self {
+                threads: vec![commit, release],
+            },
+            CommitSender { tx },
+        ))
     }
 
-    /// Waits for the thread to finish (after every sender is dropped).
+    /// Waits for the threads to finish (after every sender is dropped).
     pub fn join(self) {
-        if self.handle.join().is_err() {
-            tracing::error!("the committer thread panicked");
+        for thread in self.threads {
+            if thread.join().is_err() {
+                tracing::error!("a committer thread panicked");
+            }
         }
     }
 }
 
+/// Written groups waiting for the release thread.
+const RELEASE_QUEUE: usize = 4;
+
 struct Shared {
     log: Arc<dyn EventLog>,
-    rooms: Arc<Rooms>,
     metrics: Arc<Metrics>,
     failed: Arc<AtomicBool>,
+}
+
+/// Items written and flushed together, to be released.
+struct Group {
+    items: Vec<CommitItem>,
+    ops: usize,
+    started: Instant,
+}
+
+/// Publishes the heads, fans out and answers, in commit order.
+fn release_group(group: Group, rooms: &Rooms, metrics: &Metrics) {
+    if group.ops > 0 {
+        metrics.commit(group.started.elapsed(), group.ops);
+    }
+    for item in group.items {
+        release(item, rooms);
+    }
 }
 
 fn refuse(items: Vec<CommitItem>) {
@@ -124,12 +159,18 @@ fn refuse(items: Vec<CommitItem>) {
 }
 
 /// Takes everything queued (up to [`MAX_OPS_PER_COMMIT`]), applies it as one atomic batch,
-/// flushes, and releases it; meanwhile new items queue up for the next round.
+/// flushes, and hands it to the release thread; meanwhile new items queue up for the next
+/// round, and the release thread fans the previous one out.
 ///
 /// Writing and flushing stay on this one thread on purpose: sled 0.34 guards every write
 /// batch and every flush with one process-wide lock, so a second thread would not overlap
 /// them, and a flush racing a batch on another thread is a known source of sled deadlocks.
-fn run(mut rx: mpsc::Receiver<CommitItem>, shared: &Shared, durable: bool) {
+fn run(
+    mut rx: mpsc::Receiver<CommitItem>,
+    shared: &Shared,
+    durable: bool,
+    done: &std::sync::mpsc::SyncSender<Group>,
+) {
     let mut ops: Vec<Op> = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         let mut op_count = first.ops.len();
@@ -162,11 +203,14 @@ fn run(mut rx: mpsc::Receiver<CommitItem>, shared: &Shared, durable: bool) {
         };
         match result {
             Ok(()) => {
-                if !ops.is_empty() {
-                    shared.metrics.commit(started.elapsed(), ops.len());
-                }
-                for item in items {
-                    release(item, &shared.rooms);
+                let group = Group {
+                    items,
+                    ops: ops.len(),
+                    started,
+                };
+                if let Err(std::sync::mpsc::SendError(group)) = done.send(group) {
+                    // The release thread is gone (it panicked): nothing can be answered.
+                    refuse(group.items);
                 }
             }
             Err(err) => {
