@@ -110,8 +110,10 @@ pub enum ConnectError {
 ///
 /// One source address has about 28,000 ephemeral ports towards one hub address, and sockets
 /// the harness closes sit in TIME_WAIT for a minute. When the hub is on loopback, connections
-/// rotate over `127.0.0.1`, `127.0.0.2`, … (all of `127.0.0.0/8` is local on Linux) so large
-/// runs and repeated storms never run out of ports.
+/// rotate over `127.a.b.1`, `127.a.b.2`, … (all of `127.0.0.0/8` is local on Linux), with
+/// `a.b` drawn afresh for every run: large runs never run out of ports, and the tens of
+/// thousands of sockets a previous run (a storm, an idle run) left in TIME_WAIT sit on other
+/// addresses, where the kernel's search for a free port does not have to step over them.
 #[derive(Debug)]
 pub struct Sources {
     ips: Vec<IpAddr>,
@@ -126,8 +128,9 @@ impl Sources {
         let ips = match target.ip() {
             IpAddr::V4(ip) if ip.is_loopback() => {
                 let n = count.unwrap_or(connections.div_ceil(8_000)).clamp(1, 250);
+                let (a, b) = (rand::random_range(1..=254u8), rand::random_range(1..=254u8));
                 (1..=n)
-                    .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, i as u8)))
+                    .map(|i| IpAddr::V4(Ipv4Addr::new(127, a, b, i as u8)))
                     .collect()
             }
             _ => Vec::new(),
@@ -140,7 +143,7 @@ impl Sources {
 
     /// The address for the next socket (`None`: let the kernel choose).
     pub fn next(&self) -> Option<IpAddr> {
-        if self.ips.len() < 2 {
+        if self.ips.is_empty() {
             return None;
         }
         let i = self.next.fetch_add(1, Ordering::Relaxed);
@@ -299,12 +302,15 @@ mod tests {
         let s = Sources::new(hub, 20_000, None);
         assert_eq!(s.count(), 3);
         let picked: Vec<_> = (0..4).map(|_| s.next().unwrap()).collect();
-        assert_eq!(picked[0], IpAddr::from([127, 0, 0, 1]));
+        let IpAddr::V4(first) = picked[0] else {
+            panic!("{picked:?}")
+        };
+        assert!(first.is_loopback() && first.octets()[3] == 1, "{first}");
         assert_eq!(picked[3], picked[0], "round robin");
-        assert!(
-            Sources::new(hub, 100, None).next().is_none(),
-            "one is enough"
-        );
+        assert_ne!(picked[1], picked[0]);
+        let small = Sources::new(hub, 100, None);
+        assert_eq!(small.count(), 1, "one is enough");
+        assert!(small.next().is_some_and(|ip| ip.is_loopback()));
         let remote: SocketAddr = "10.1.2.3:7400".parse().unwrap();
         assert!(Sources::new(remote, 50_000, None).next().is_none());
     }
