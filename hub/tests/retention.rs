@@ -129,6 +129,12 @@ async fn trimming_by_count_deletes_old_events_and_dedup_outlives_them() {
         ),
         other => panic!("{other:?}"),
     }
+    // An event the log still holds is remembered whatever its age: a retry is a duplicate.
+    let logged = published[99].clone();
+    match &api.push("acme", "b1", vec![logged]).await.results[0] {
+        PushResult::Accepted(a) => assert_eq!((a.seq, a.duplicate), (100, true)),
+        other => panic!("{other:?}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
