@@ -468,7 +468,11 @@ mod tests {
     }
 
     fn drain(store: &Store, hub: &mut Hub, window: usize) -> Vec<Outcome> {
-        let mut p = Publisher::new(branch());
+        drain_with(&mut Publisher::new(branch()), store, hub, window)
+    }
+
+    /// Sends `p`'s outbox to `hub` and answers it until nothing is left to send or in flight.
+    fn drain_with(p: &mut Publisher, store: &Store, hub: &mut Hub, window: usize) -> Vec<Outcome> {
         let backoff = Backoff::constant(Duration::ZERO);
         let mut outcomes = Vec::new();
         for _ in 0..1000 {
@@ -545,13 +549,7 @@ mod tests {
     #[test]
     fn answers_lost_in_a_cut_are_resent_and_deduplicated() {
         let store = store_with(6);
-        let mut hub = Hub {
-            last: 0,
-            seq: 0,
-            poison: vec![],
-            seen: Default::default(),
-            order: Vec::new(),
-        };
+        let mut hub = hub(0);
         let mut p = Publisher::new(branch());
         let backoff = Backoff::constant(Duration::ZERO);
         // Send 4; the hub applies them all but only the first two answers arrive.
@@ -562,20 +560,7 @@ mod tests {
                 .unwrap();
         }
         p.reset(&store).unwrap();
-        let mut outcomes = Vec::new();
-        loop {
-            let sent = p.take(&store, 4, Instant::now(), None).unwrap().0;
-            if sent.is_empty() {
-                break;
-            }
-            for e in sent {
-                let a = hub.answer(&e);
-                outcomes.extend(
-                    p.on_answer(&store, a, false, &backoff, Instant::now())
-                        .unwrap(),
-                );
-            }
-        }
+        let outcomes = drain_with(&mut p, &store, &mut hub, 4);
         assert_eq!(hub.order.len(), 6, "each event sequenced exactly once");
         let dups = outcomes
             .iter()
@@ -608,7 +593,6 @@ mod tests {
         let store = store_with(3);
         let mut hub = hub(0);
         let mut p = Publisher::new(branch());
-        let backoff = Backoff::constant(Duration::ZERO);
         // The hub applies all three, the answers are lost in a cut…
         for e in p.take(&store, 8, Instant::now(), None).unwrap().0 {
             hub.answer(&e);
@@ -620,20 +604,7 @@ mod tests {
         let fourth = rt()
             .block_on(store.record(&branch(), body(9), None, None, 0))
             .unwrap();
-        let mut outcomes = Vec::new();
-        loop {
-            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
-            if sent.is_empty() && p.in_flight() == 0 {
-                break;
-            }
-            for e in sent {
-                let a = hub.answer(&e);
-                outcomes.extend(
-                    p.on_answer(&store, a, false, &backoff, Instant::now())
-                        .unwrap(),
-                );
-            }
-        }
+        let outcomes = drain_with(&mut p, &store, &mut hub, 8);
         assert_eq!(
             hub.order.len(),
             4,
@@ -663,26 +634,12 @@ mod tests {
         let store = store_with(3);
         let mut hub = hub(41);
         let mut p = Publisher::new(branch());
-        let backoff = Backoff::constant(Duration::ZERO);
         p.set_last_device_seq(&store, 41).unwrap();
         assert_eq!(p.take(&store, 8, Instant::now(), None).unwrap().0.len(), 3);
         p.begin(&store).unwrap();
         assert!(store.pending(&branch()).iter().all(|e| !e.sent));
         p.set_last_device_seq(&store, 41).unwrap();
-        let mut outcomes = Vec::new();
-        loop {
-            let sent = p.take(&store, 8, Instant::now(), None).unwrap().0;
-            if sent.is_empty() && p.in_flight() == 0 {
-                break;
-            }
-            for e in sent {
-                let a = hub.answer(&e);
-                outcomes.extend(
-                    p.on_answer(&store, a, false, &backoff, Instant::now())
-                        .unwrap(),
-                );
-            }
-        }
+        let outcomes = drain_with(&mut p, &store, &mut hub, 8);
         assert_eq!(hub.order.len(), 3);
         assert_eq!(hub.last, 44);
         assert!(store.quarantined().unwrap().is_empty());

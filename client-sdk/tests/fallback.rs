@@ -41,16 +41,11 @@ async fn refused_upgrades_switch_to_polling_and_back_to_live() {
     let mine = till.publish(custom(1)).await.unwrap();
     // …and receiving by long poll.
     let theirs = other.publish(custom(2)).await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let u = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Update::Event(e) = u {
-            got.push(e.event_id);
-        }
-    }
+    let got: Vec<_> = next_events(&mut events, 2, Duration::from_secs(10), "both events")
+        .await
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
     assert!(got.contains(&mine.event_id) && got.contains(&theirs.event_id));
     assert_eq!(till.status().borrow().state, SyncState::Polling);
     // The socket works again: the probe takes the client back to live.
@@ -60,19 +55,11 @@ async fn refused_upgrades_switch_to_polling_and_back_to_live() {
     })
     .await;
     let third = other.publish(custom(3)).await.unwrap();
-    loop {
-        let u = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Update::Event(e) = u {
-            assert_eq!(
-                e.event_id, third.event_id,
-                "no repeat across the transport change"
-            );
-            break;
-        }
-    }
+    let next = next_events(&mut events, 1, Duration::from_secs(10), "the third event").await;
+    assert_eq!(
+        next[0].event_id, third.event_id,
+        "no repeat across the transport change"
+    );
     // The notifications told the story in order: polling, then connected.
     let mut story = Vec::new();
     while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(200), notes.next()).await {
@@ -101,16 +88,8 @@ async fn http_only_clients_push_and_poll() {
         .unwrap();
     let mut events = till.events();
     let e = till.publish(custom(7)).await.unwrap();
-    let got = loop {
-        if let Update::Event(ev) = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .unwrap()
-            .unwrap()
-        {
-            break ev;
-        }
-    };
-    assert_eq!(got.event_id, e.event_id);
+    let got = next_events(&mut events, 1, Duration::from_secs(10), "the polled event").await;
+    assert_eq!(got[0].event_id, e.event_id);
     assert_eq!(till.status().borrow().state, SyncState::Polling);
     till.shutdown().await.unwrap();
     hub.stop().await;
@@ -386,16 +365,11 @@ async fn a_socket_that_connects_but_cannot_be_held_falls_back_to_polling() {
     let mut events = till.events();
     let mine = till.publish(custom(1)).await.unwrap();
     let theirs = other.publish(custom(2)).await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let u = tokio::time::timeout(Duration::from_secs(10), events.next())
-            .await
-            .unwrap()
-            .unwrap();
-        if let Update::Event(e) = u {
-            got.push(e.event_id);
-        }
-    }
+    let got: Vec<_> = next_events(&mut events, 2, Duration::from_secs(10), "both events")
+        .await
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
     assert!(got.contains(&mine.event_id) && got.contains(&theirs.event_id));
     till.shutdown().await.unwrap();
     other.shutdown().await.unwrap();
@@ -436,16 +410,12 @@ async fn a_hanging_probe_holds_up_neither_polling_nor_shutdown() {
     let mut events = till.events();
     let mine = till.publish(custom(1)).await.unwrap();
     let theirs = other.publish(custom(2)).await.unwrap();
-    let mut got = Vec::new();
-    while got.len() < 2 {
-        let u = tokio::time::timeout(Duration::from_secs(20), events.next())
-            .await
-            .expect("polling goes on while the probe hangs")
-            .unwrap();
-        if let Update::Event(e) = u {
-            got.push(e.event_id);
-        }
-    }
+    let what = "polling goes on while the probe hangs";
+    let got: Vec<_> = next_events(&mut events, 2, Duration::from_secs(20), what)
+        .await
+        .iter()
+        .map(|e| e.event_id)
+        .collect();
     assert!(got.contains(&mine.event_id) && got.contains(&theirs.event_id));
     assert_eq!(till.status().borrow().state, SyncState::Polling);
     tokio::time::timeout(Duration::from_secs(20), till.shutdown())

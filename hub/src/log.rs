@@ -456,59 +456,43 @@ fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
     Ok((head, devices))
 }
 
-/// The rounds one commit adds to one branch, in seq order.
+/// The rounds one commit adds to one branch, in seq order, as one.
 struct BranchRounds<'a> {
     branch: &'a Arc<BranchKey>,
-    ops: Vec<&'a Op>,
+    /// Every event with its id and content hash.
+    events: Vec<(&'a StoredEvent, &'a (Uuid, u64))>,
+    /// The last round's head and device counters.
+    head: u64,
+    devices: &'a [(Name, u64)],
 }
 
 impl BranchRounds<'_> {
     /// One `E` value with every event, the `H` value of the last round, and one `D` value
     /// per bucket of their ids, all keyed by the last seq.
     fn write(&self, batch: &mut sled::Batch) {
-        let rounds = || {
-            self.ops.iter().filter_map(|op| match op {
-                Op::Round {
-                    events,
-                    ids,
-                    head,
-                    devices,
-                    ..
-                } => Some((events, ids, *head, devices)),
-                _ => None,
-            })
-        };
-        let Some((_, _, head, devices)) = rounds().next_back() else {
-            return;
-        };
-        let size = rounds()
-            .flat_map(|(events, ..)| events.iter())
-            .map(|e| 20 + e.bytes.len())
-            .sum();
+        let size = self.events.iter().map(|(e, _)| 20 + e.bytes.len()).sum();
         let mut value = Vec::with_capacity(size);
         // Ids made within the same second share a bucket: usually one key.
         let mut buckets: Vec<([u8; 8], Vec<u8>)> = Vec::new();
-        for (events, ids, ..) in rounds() {
-            for (event, (id, hash)) in events.iter().zip(ids.iter()) {
-                push_entry(&mut value, event);
-                let bucket = dedup_bucket(id);
-                let at = match buckets.iter().position(|(b, _)| *b == bucket) {
-                    Some(at) => at,
-                    None => {
-                        buckets.push((bucket, Vec::new()));
-                        buckets.len() - 1
-                    }
-                };
-                let entry = &mut buckets[at].1;
-                entry.extend_from_slice(id.as_bytes());
-                entry.extend_from_slice(&event.seq.to_be_bytes());
-                entry.extend_from_slice(&hash.to_be_bytes());
-                entry.extend_from_slice(&event.server_time_ms.to_be_bytes());
-            }
+        for (event, (id, hash)) in &self.events {
+            push_entry(&mut value, event);
+            let bucket = dedup_bucket(id);
+            let at = match buckets.iter().position(|(b, _)| *b == bucket) {
+                Some(at) => at,
+                None => {
+                    buckets.push((bucket, Vec::new()));
+                    buckets.len() - 1
+                }
+            };
+            let entry = &mut buckets[at].1;
+            entry.extend_from_slice(id.as_bytes());
+            entry.extend_from_slice(&event.seq.to_be_bytes());
+            entry.extend_from_slice(&hash.to_be_bytes());
+            entry.extend_from_slice(&event.server_time_ms.to_be_bytes());
         }
-        let branch = self.branch;
+        let (branch, head) = (self.branch, self.head);
         batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
-        batch.insert(key(HEAD, branch, &[]), encode_head(head, devices));
+        batch.insert(key(HEAD, branch, &[]), encode_head(head, self.devices));
         for (bucket, entries) in buckets {
             let mut suffix = [0u8; 16];
             suffix[..8].copy_from_slice(&bucket);
@@ -667,15 +651,25 @@ impl EventLog for SledLog {
         let mut of_branch: HashMap<&BranchKey, usize> = HashMap::new();
         for op in ops {
             match op {
-                Op::Round { branch, .. } => {
+                Op::Round {
+                    branch,
+                    events,
+                    ids,
+                    head,
+                    devices,
+                } => {
                     let at = *of_branch.entry(&**branch).or_insert_with(|| {
                         rounds.push(BranchRounds {
                             branch,
-                            ops: Vec::new(),
+                            events: Vec::new(),
+                            head: *head,
+                            devices,
                         });
                         rounds.len() - 1
                     });
-                    rounds[at].ops.push(op);
+                    let r = &mut rounds[at];
+                    r.events.extend(events.iter().zip(ids));
+                    (r.head, r.devices) = (*head, devices);
                 }
                 Op::Product { branch, sku, state } => {
                     batch.insert(

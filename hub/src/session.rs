@@ -628,6 +628,7 @@ impl Session {
                 } else {
                     self.hub.config.limits.too_slow_after
                 };
+                // The write is boxed: inline, it would grow every idle session's task.
                 match tokio::time::timeout(deadline, Box::pin(self.write(ws))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => {

@@ -21,9 +21,18 @@ use branchline_protocol::{Name, Role};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use branchline_protocol::{ConflictRecord, ConflictStatus, UnixMillis};
+use uuid::Uuid;
+
 use crate::auth::{Branches, Claims};
 use crate::config::Config;
+use crate::log::{
+    BranchKey, DedupEntry, EventLog, LoadedBranch, Op, SledLog, StoreError, StoredEvent,
+};
 use crate::server::Hub;
+
+/// The store argument of a launch that opens the plain store itself.
+type NoStore = fn(&Config) -> Arc<dyn EventLog>;
 
 /// The secret test hubs sign tokens with.
 pub const TEST_SECRET: &str = "branchline-test-secret-0123456789abcdef";
@@ -50,24 +59,56 @@ impl TestHub {
     /// A hub whose configuration `adjust` changes first (the store directory and secret are
     /// set by the test hub).
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
-        let dir = Arc::new(tempfile::tempdir().expect("a temporary directory"));
-        let mut config = Config {
+        let mut config = Self::config();
+        adjust(&mut config);
+        Self::launch(config, Self::temp_dir(), None::<NoStore>).await
+    }
+
+    /// A hub whose store (the real sled one) first runs `hooks` on the calls it watches: a
+    /// disk that fails on demand, a log trimmed at an awkward moment. A restart reopens the
+    /// plain store.
+    pub async fn start_hooked(hooks: impl StoreHooks) -> Self {
+        let store = |config: &Config| -> Arc<dyn EventLog> {
+            let inner = SledLog::open(&config.data_dir, config.store_cache_bytes, config.fsync)
+                .expect("the store opens");
+            Arc::new(Hooked { inner, hooks })
+        };
+        Self::launch(Self::config(), Self::temp_dir(), Some(store)).await
+    }
+
+    /// The test hubs' configuration before a test adjusts it.
+    fn config() -> Config {
+        Config {
             shutdown_grace: Duration::from_secs(5),
             store_cache_bytes: 16 << 20,
             ..Config::default()
-        };
-        adjust(&mut config);
-        Self::launch(config, dir).await
+        }
     }
 
-    async fn launch(mut config: Config, dir: Arc<tempfile::TempDir>) -> Self {
+    fn temp_dir() -> Arc<tempfile::TempDir> {
+        Arc::new(tempfile::tempdir().expect("a temporary directory"))
+    }
+
+    async fn launch(
+        mut config: Config,
+        dir: Arc<tempfile::TempDir>,
+        store: Option<impl FnOnce(&Config) -> Arc<dyn EventLog>>,
+    ) -> Self {
         config.data_dir = dir.path().join("data");
         config.token_secret = Some(TEST_SECRET.into());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("a local address");
-        let hub = Hub::open(config.clone()).expect("the test hub starts");
+        let hub = match store {
+            Some(store) => {
+                std::fs::create_dir_all(&config.data_dir).expect("the store directory");
+                let log = store(&config);
+                Hub::with_log(config.clone(), TEST_SECRET, log)
+            }
+            None => Hub::open(config.clone()),
+        }
+        .expect("the test hub starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let (end, ended) = std::sync::mpsc::channel();
         let serving = crate::server::serve(hub.clone(), listener, async move {
@@ -148,7 +189,7 @@ impl TestHub {
     }
 
     /// Runs one retention pass as if the clock read `now_ms` (dedup expiry included).
-    pub async fn run_retention_at(&self, now_ms: branchline_protocol::UnixMillis) {
+    pub async fn run_retention_at(&self, now_ms: UnixMillis) {
         self.hub
             .run_retention_at(now_ms, true)
             .await
@@ -176,7 +217,7 @@ impl TestHub {
         self.shutdown().await;
         let (config, dir) = (self.config.clone(), self.dir.clone());
         drop(self);
-        Self::launch(config, dir).await
+        Self::launch(config, dir, None::<NoStore>).await
     }
 }
 
@@ -196,5 +237,104 @@ impl Drop for TestHub {
                 let _ = self.ended.recv_timeout(DROP_WAIT);
             }
         }
+    }
+}
+
+/// What a [`TestHub::start_hooked`] store does before the calls it watches reach the real
+/// store: `Ok(())` lets the call through, an error is what the call returns.
+pub trait StoreHooks: Send + Sync + 'static {
+    /// Before a commit's write.
+    fn before_apply(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Before a flush.
+    fn before_flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// Before a read of `branch`'s events, with the real store at hand.
+    fn before_read(&self, _store: &SledLog, _branch: &BranchKey) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// The sled store behind [`StoreHooks`].
+struct Hooked<H> {
+    inner: SledLog,
+    hooks: H,
+}
+
+impl<H: StoreHooks> EventLog for Hooked<H> {
+    fn open_branch(&self, b: &BranchKey) -> Result<LoadedBranch, StoreError> {
+        self.inner.open_branch(b)
+    }
+    fn apply(&self, ops: &[Op]) -> Result<(), StoreError> {
+        self.hooks.before_apply()?;
+        self.inner.apply(ops)
+    }
+    fn flush(&self) -> Result<(), StoreError> {
+        self.hooks.before_flush()?;
+        self.inner.flush()
+    }
+    fn read_events(
+        &self,
+        b: &BranchKey,
+        after: u64,
+        until: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        self.hooks.before_read(&self.inner, b)?;
+        self.inner.read_events(b, after, until, limit)
+    }
+    fn dedup(&self, b: &BranchKey, id: &Uuid) -> Result<Option<DedupEntry>, StoreError> {
+        self.inner.dedup(b, id)
+    }
+    fn dedup_ids(&self, b: &BranchKey, visit: &mut dyn FnMut(Uuid)) -> Result<(), StoreError> {
+        self.inner.dedup_ids(b, visit)
+    }
+    fn conflicts(
+        &self,
+        b: &BranchKey,
+        status: Option<ConflictStatus>,
+        limit: usize,
+    ) -> Result<Vec<ConflictRecord>, StoreError> {
+        self.inner.conflicts(b, status, limit)
+    }
+    fn conflict(&self, b: &BranchKey, id: &Uuid) -> Result<Option<ConflictRecord>, StoreError> {
+        self.inner.conflict(b, id)
+    }
+    fn branches(&self) -> Result<Vec<BranchKey>, StoreError> {
+        self.inner.branches()
+    }
+    fn position(&self, b: &BranchKey) -> Result<(u64, u64), StoreError> {
+        self.inner.position(b)
+    }
+    fn last_seq_before(
+        &self,
+        b: &BranchKey,
+        cutoff: UnixMillis,
+    ) -> Result<Option<u64>, StoreError> {
+        self.inner.last_seq_before(b, cutoff)
+    }
+    fn trim(&self, b: &BranchKey, floor: u64) -> Result<u64, StoreError> {
+        self.inner.trim(b, floor)
+    }
+    fn expire_dedup(
+        &self,
+        b: &BranchKey,
+        cutoff: UnixMillis,
+        floor: u64,
+    ) -> Result<u64, StoreError> {
+        self.inner.expire_dedup(b, cutoff, floor)
+    }
+    fn begin_run(&self, durable: bool) -> Result<usize, StoreError> {
+        self.inner.begin_run(durable)
+    }
+    fn end_run(&self) -> Result<(), StoreError> {
+        self.inner.end_run()
+    }
+    fn size_on_disk(&self) -> Result<u64, StoreError> {
+        self.inner.size_on_disk()
     }
 }

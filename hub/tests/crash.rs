@@ -303,19 +303,6 @@ async fn publish_through(hub: &HubProcess, from: u64, to: u64) -> Accepted {
     last.unwrap()
 }
 
-/// b1 as an admin sees it.
-async fn branch_status(hub: &HubProcess) -> http::BranchStatus {
-    reqwest::Client::new()
-        .get(format!("{}/v1/branches/acme/b1", hub.http_url()))
-        .bearer_auth(token("*", "console", Role::Admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// `--fsync interval` acknowledges and delivers before the flush, so a crash can take back
 /// events that clients saw, and the hub would hand their seqs to other events. After a
 /// `kill -9` the hub gives every branch a new epoch, with nothing of the old one to replay:
@@ -330,7 +317,7 @@ async fn after_a_crash_in_interval_mode_devices_resync_instead_of_diverging() {
     let (stopped, stderr) = hub.terminate().await;
     assert!(stopped.success(), "{stderr}");
     let hub = HubProcess::start(&data, &args).await;
-    let kept = branch_status(&hub).await;
+    let kept = hub.b1_status().await;
     assert_eq!(
         (kept.epoch, kept.head),
         (first.epoch, 20),
@@ -341,7 +328,7 @@ async fn after_a_crash_in_interval_mode_devices_resync_instead_of_diverging() {
     assert_eq!(seen.seq, 25);
     hub.kill_9().await;
     let hub = HubProcess::start(&data, &args).await;
-    let after = branch_status(&hub).await;
+    let after = hub.b1_status().await;
     assert_ne!(after.epoch, first.epoch, "a new epoch after the crash");
     assert!(after.head <= 25, "head {}", after.head);
     assert_eq!(

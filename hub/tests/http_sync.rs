@@ -1096,7 +1096,8 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
     })
     .await;
     let cashier = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
-    let problem = |r: reqwest::Response, status: u16, code: ErrorCode| async move {
+    let problem = |req: reqwest::RequestBuilder, status: u16, code: ErrorCode| async move {
+        let r = req.send().await.unwrap();
         assert_eq!(r.status(), status);
         assert_eq!(r.headers()["content-type"], "application/problem+json");
         let p: Problem = r.json().await.unwrap();
@@ -1104,120 +1105,71 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
     };
     let c = &cashier.client;
     problem(
-        c.get(format!("{}/v1/branches/acme/b1/events", hub.http_url()))
-            .send()
-            .await
-            .unwrap(),
+        c.get(format!("{}/v1/branches/acme/b1/events", hub.http_url())),
         401,
         ErrorCode::Unauthorized,
     )
     .await;
     problem(
         c.get(format!("{}/v1/branches/acme/b1/events", hub.http_url()))
-            .bearer_auth("x.y.z")
-            .send()
-            .await
-            .unwrap(),
+            .bearer_auth("x.y.z"),
         401,
         ErrorCode::Unauthorized,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/acme/b2/events")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b2/events"),
         403,
         ErrorCode::Forbidden,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/globex/b1/events")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/globex/b1/events"),
         403,
         ErrorCode::Forbidden,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/acme/b1/devices")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b1/devices"),
         403,
         ErrorCode::Forbidden,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/acme/b1/conflicts")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b1/conflicts"),
         403,
         ErrorCode::Forbidden,
     )
     .await;
+    problem(cashier.get("/v1/nowhere"), 404, ErrorCode::NotFound).await;
     problem(
-        cashier.get("/v1/nowhere").send().await.unwrap(),
-        404,
-        ErrorCode::NotFound,
-    )
-    .await;
-    problem(
-        cashier
-            .get("/v1/branches/acme/b1/events?after=3")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b1/events?after=3"),
         422,
         ErrorCode::InvalidField,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/acme/b1/events?after=x")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b1/events?after=x"),
         422,
         ErrorCode::InvalidField,
     )
     .await;
     problem(
-        cashier
-            .get("/v1/branches/acme/b1/snapshot?page_token=AAAAAAAAAAE")
-            .send()
-            .await
-            .unwrap(),
+        cashier.get("/v1/branches/acme/b1/snapshot?page_token=AAAAAAAAAAE"),
         410,
         ErrorCode::SnapshotExpired,
     )
     .await;
     let big = serde_json::json!({ "client_time_ms": 0, "events": [publish("b1", 1, EventBody::Custom(Custom { custom_type: "x".into(), data: serde_json::json!("y".repeat(100_000)) }))] });
     problem(
-        cashier
-            .post("/v1/branches/acme/b1/events")
-            .json(&big)
-            .send()
-            .await
-            .unwrap(),
+        cashier.post("/v1/branches/acme/b1/events").json(&big),
         413,
         ErrorCode::MessageTooBig,
     )
     .await;
     let many = serde_json::json!({ "client_time_ms": 0, "events": (1..=11).map(|i| publish("b1", i, note(i))).collect::<Vec<_>>() });
     problem(
-        cashier
-            .post("/v1/branches/acme/b1/events")
-            .json(&many)
-            .send()
-            .await
-            .unwrap(),
+        cashier.post("/v1/branches/acme/b1/events").json(&many),
         413,
         ErrorCode::MessageTooBig,
     )
@@ -1226,10 +1178,7 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
         cashier
             .post("/v1/branches/acme/b1/events")
             .body("{")
-            .header("content-type", "application/json")
-            .send()
-            .await
-            .unwrap(),
+            .header("content-type", "application/json"),
         400,
         ErrorCode::Malformed,
     )
@@ -1239,10 +1188,7 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
         cashier
             .post("/v1/branches/acme/b1/events")
             .body("{}")
-            .header("content-type", "text/plain")
-            .send()
-            .await
-            .unwrap(),
+            .header("content-type", "text/plain"),
         400,
         ErrorCode::Malformed,
     )
@@ -1251,12 +1197,7 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
         let body =
             serde_json::json!({ "client_time_ms": absurd, "events": [publish("b1", 1, note(1))] });
         problem(
-            cashier
-                .post("/v1/branches/acme/b1/events")
-                .json(&body)
-                .send()
-                .await
-                .unwrap(),
+            cashier.post("/v1/branches/acme/b1/events").json(&body),
             422,
             ErrorCode::InvalidField,
         )
@@ -1270,10 +1211,7 @@ async fn http_errors_use_the_documented_statuses_and_codes() {
                 uuid::Uuid::now_v7()
             ))
             .body(r#"{"resolution":"server"}"#)
-            .header("content-type", "text/plain")
-            .send()
-            .await
-            .unwrap(),
+            .header("content-type", "text/plain"),
         400,
         ErrorCode::Malformed,
     )

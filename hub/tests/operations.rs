@@ -12,11 +12,10 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use branchline_hub::protocol::http::BranchStatus;
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
 use futures::{SinkExt, StreamExt};
-use support::process::{BIN, HubProcess, SECRET, admin_of_all, cashier_of};
+use support::process::{BIN, HubProcess, SECRET, cashier_of};
 use support::*;
 use tokio::process::Command;
 use tokio_tungstenite::tungstenite::Message;
@@ -678,17 +677,7 @@ async fn a_stop_ends_within_the_grace_even_with_a_session_stuck_writing() {
 
     // Nothing acknowledged was lost by exiting with work unfinished.
     let hub = start_hub(&data, &["--token-secret", SECRET]).await;
-    let admin = admin_of_all("console");
-    let status: BranchStatus = reqwest::Client::new()
-        .get(format!("http://{}/v1/branches/acme/b1", hub.addr))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(status.head, EVENTS);
+    assert_eq!(hub.b1_status().await.head, EVENTS);
     let (status, _) = hub.terminate().await;
     assert!(status.success());
 }

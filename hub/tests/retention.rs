@@ -14,7 +14,7 @@ use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::http::{BranchStatus, EventsPage, Problem, PushResult};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
-use support::process::{BIN, HubProcess, SECRET, admin_of_all, cashier_of};
+use support::process::{BIN, HubProcess, SECRET, cashier_of};
 use support::*;
 use tokio::process::Command;
 
@@ -154,14 +154,7 @@ async fn trimming_by_age_keeps_only_events_younger_than_the_limit() {
     // An hour after the cutoff, everything sequenced before it is too old.
     hub.run_retention_at(cutoff + max_age.as_millis() as i64)
         .await;
-    let status: BranchStatus = api
-        .get("/v1/branches/acme/b1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: BranchStatus = api.get_json("/v1/branches/acme/b1").await;
     assert_eq!((status.floor, status.head), (10, 15));
     // The first push was written as rounds ending at or before seq 10: all of them go.
     assert_eq!(stored_seqs(&hub), (11..=15).collect::<Vec<_>>());
@@ -211,26 +204,16 @@ async fn the_background_pass_trims_the_store_and_the_log_tools_show_it() {
         ],
     )
     .await;
-    let addr = hub.addr.clone();
+
     let mut till = connect_url(&hub.ws_url(), Codec::MsgPack).await;
     till.hello(&cashier_of("b1", "till-1"), "acme", "till-1", vec![])
         .await;
     let published = publish_one_by_one(&mut till, 1, 120).await;
 
     // No one calls for a pass: the hub's own retention tick moves the floor.
-    let client = reqwest::Client::new();
-    let admin = admin_of_all("console");
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let status: BranchStatus = client
-            .get(format!("http://{addr}/v1/branches/acme/b1"))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let status = hub.b1_status().await;
         if status.floor == 70 {
             break;
         }

@@ -81,6 +81,26 @@ pub struct Tick {
     pub hub_cpu_percent: Option<f64>,
 }
 
+/// The fields every JSON report carries, `null` where the run did not measure them: what
+/// scripts reading reports rely on (issue 7 fixed these names).
+pub const REQUIRED_FIELDS: [&str; 15] = [
+    "scenario",
+    "duration_s",
+    "connections",
+    "deliveries_per_s",
+    "publishes_acked_per_s",
+    "latency_ms",
+    "ack_latency_ms",
+    "gaps",
+    "duplicates",
+    "errors",
+    "hub_rss_bytes",
+    "hub_rss_per_connection_bytes",
+    "hub_cpu_percent",
+    "catchup_events_per_s",
+    "storm_catchup_s",
+];
+
 /// One run's results.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Report {

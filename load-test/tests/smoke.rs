@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use branchline_hub::test_util::{TEST_SECRET, TestHub};
 use branchline_load::Report;
+use branchline_load::report::REQUIRED_FIELDS;
 use branchline_load::stats::Percentiles;
 use branchline_protocol::{
     Accepted, BranchStart, CaughtUp, ClientFrame, Codec, Custom, Epoch, Event, EventBody, Hello,
@@ -58,29 +59,10 @@ async fn harness(url: &str, args: &[&str]) -> (Output, Report, Value) {
     (output, report, json)
 }
 
-/// The fields issue 7 requires in every JSON report.
-const REQUIRED: [&str; 15] = [
-    "scenario",
-    "duration_s",
-    "connections",
-    "deliveries_per_s",
-    "publishes_acked_per_s",
-    "latency_ms",
-    "ack_latency_ms",
-    "gaps",
-    "duplicates",
-    "errors",
-    "hub_rss_bytes",
-    "hub_rss_per_connection_bytes",
-    "hub_cpu_percent",
-    "catchup_events_per_s",
-    "storm_catchup_s",
-];
-
 /// Every required field is present; those in `nulls` (not measured by the run) are null and
 /// every other one holds a measurement.
 fn assert_fields(json: &Value, nulls: &[&str]) {
-    for field in REQUIRED {
+    for field in REQUIRED_FIELDS {
         let v = json
             .get(field)
             .unwrap_or_else(|| panic!("{field} missing from the report"));

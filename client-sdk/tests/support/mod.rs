@@ -12,7 +12,7 @@ use branchline_client::protocol::http::{EventsPage, Problem, SnapshotPage};
 use branchline_client::protocol::{
     Custom, Epoch, Event, EventBody, Name, Position, ProductRecord, Role, Sku, StockLevel,
 };
-use branchline_client::{Backoff, Client, ClientOptions};
+use branchline_client::{Backoff, Client, ClientOptions, EventStream, Update};
 use branchline_hub::test_util::TestHub;
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,6 +46,28 @@ where
 }
 
 /// Client options for tests: a quick, small backoff so reconnects do not dominate the run.
+/// The next `n` sequenced events of `events` (other updates skipped); each must come within
+/// `limit`, else the test fails saying `what` did not happen.
+pub async fn next_events(
+    events: &mut EventStream,
+    n: usize,
+    limit: Duration,
+    what: &str,
+) -> Vec<Event> {
+    use futures::StreamExt;
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let update = tokio::time::timeout(limit, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no event within {limit:?}"))
+            .unwrap_or_else(|| panic!("{what}: the event stream ended"));
+        if let Update::Event(e) = update {
+            got.push(*e);
+        }
+    }
+    got
+}
+
 pub fn opts(token: String, dir: &std::path::Path) -> ClientOptions {
     ClientOptions::new()
         .token(token)

@@ -107,6 +107,19 @@ impl HubProcess {
         ws
     }
 
+    /// Branch b1 of tenant `acme` as an admin sees it.
+    pub async fn b1_status(&self) -> branchline_hub::protocol::http::BranchStatus {
+        reqwest::Client::new()
+            .get(format!("{}/v1/branches/acme/b1", self.http_url()))
+            .bearer_auth(admin_of_all("console"))
+            .send()
+            .await
+            .expect("the hub answers")
+            .json()
+            .await
+            .expect("a branch status")
+    }
+
     /// SIGKILL: no shutdown, no final flush.
     pub async fn kill_9(mut self) {
         self.child.kill().await.expect("the hub can be killed");
