@@ -567,3 +567,63 @@ async fn fsync_by_interval_serves_and_says_so() {
     let page: http::EventsPage = api.get_json("/v1/branches/acme/b1/events?after=0").await;
     assert_eq!(page.head, 50, "a graceful stop flushes everything");
 }
+
+/// A writer round ends once its events fill a frame: a burst of large events reaches
+/// followers in several frames, none carrying more than 1 MiB of events plus the one that
+/// filled it, every event once and in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_frames_stay_within_a_mebibyte_of_events() {
+    const EVENTS: u64 = 8;
+    let hub = TestHub::start_with(|c| {
+        c.limits.publish_rate = 1_000_000;
+        c.limits.publish_burst = 1_000_000;
+    })
+    .await;
+    let mut follower = session(
+        &hub,
+        Codec::MsgPack,
+        &["b1"],
+        "till-2",
+        Role::Cashier,
+        vec![live("b1")],
+    )
+    .await;
+    let big = |i: u64| {
+        EventBody::Custom(Custom {
+            custom_type: "test.big".into(),
+            data: serde_json::json!({ "n": i, "pad": "x".repeat(400_000) }),
+        })
+    };
+    // One push: the writer takes all eight in one go.
+    let api = Api::new(&hub, &hub.token("acme", &["b1"], "till-1", Role::Cashier));
+    let pushed = api
+        .push(
+            "acme",
+            "b1",
+            (1..=EVENTS).map(|i| publish("b1", i, big(i))).collect(),
+        )
+        .await;
+    assert_eq!(pushed.results.len(), EVENTS as usize);
+    let (mut seqs, mut frames) = (Vec::new(), 0);
+    while seqs.len() < EVENTS as usize {
+        let events = match follower.frame().await {
+            ServerFrame::Event(e) => vec![*e],
+            ServerFrame::Events(batch) => batch.events,
+            _ => continue,
+        };
+        frames += 1;
+        let sizes: Vec<usize> = events
+            .iter()
+            .map(|e| Codec::MsgPack.encode(e).unwrap().len())
+            .collect();
+        let before_last: usize = sizes[..sizes.len() - 1].iter().sum();
+        assert!(
+            before_last < 1 << 20,
+            "a frame went on past 1 MiB of events: {sizes:?}"
+        );
+        seqs.extend(events.iter().map(|e| e.seq));
+    }
+    assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>());
+    assert!(frames >= 3, "3.2 MB of events in {frames} frames");
+    hub.stop().await;
+}
