@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use branchline_protocol::http::{PushResult, ResolveRequest, ResolveResponse};
 use branchline_protocol::{
@@ -24,6 +24,7 @@ use uuid::Uuid;
 
 use crate::commit::{CommitItem, CommitSender, Reply};
 use crate::dedup::DedupFilter;
+use crate::health::StoreHealth;
 use crate::log::{BranchKey, EventLog, LoadedBranch, Op, StoreError, StoredEvent};
 use crate::metrics::Metrics;
 use crate::room::{FRAME_EVENT_BYTES, LiveBatch};
@@ -487,8 +488,8 @@ pub struct WriterCtx {
     pub committer: CommitSender,
     /// Conflict policies.
     pub policies: Policies,
-    /// Set once a write failed: writes are refused from then on.
-    pub failed: Arc<AtomicBool>,
+    /// Whether the store takes writes.
+    pub health: Arc<StoreHealth>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Tracks writer tasks for shutdown.
@@ -801,7 +802,7 @@ impl Writer {
             BranchCmd::Snapshot { reply } => {
                 // Answered after the commit that makes `head` durable: a snapshot never shows
                 // an effect a crash could take back.
-                let result = if self.ctx.failed.load(Ordering::Acquire) {
+                let result = if self.ctx.health.failed() {
                     Err(ErrorCode::StorageUnavailable)
                 } else {
                     Ok((self.state.snapshot(), self.head))
@@ -883,7 +884,7 @@ impl Writer {
         moved: Option<Result<Moved, Refused>>,
         round: &mut Round,
     ) -> PushResult {
-        if self.ctx.failed.load(Ordering::Acquire) {
+        if self.ctx.health.failed() {
             return self.rejected(
                 &publish,
                 ErrorCode::StorageUnavailable,
@@ -915,7 +916,6 @@ impl Writer {
         };
         match self.known(&publish.event_id) {
             Ok(Some((seq, known_hash))) if known_hash == hash => {
-                self.ctx.metrics.publish("duplicate");
                 return self.accepted(publish.event_id, seq, true);
             }
             Ok(Some((seq, _))) => {
@@ -938,6 +938,11 @@ impl Writer {
                 );
             }
         }
+        // A retry of an accepted event is answered above, whatever the disk; a new one is
+        // refused while the store cannot take writes (low on space: for a while).
+        if let Err(why) = self.ctx.health.writable() {
+            return self.rejected(&publish, why.code(), why.to_string());
+        }
         let last = self.devices.get(device).copied().unwrap_or(0);
         let expected = last + 1;
         if publish.device_seq != expected {
@@ -946,7 +951,6 @@ impl Writer {
             } else {
                 (ErrorCode::DeviceSeqReused, "was already used")
             };
-            self.ctx.metrics.publish("rejected");
             return PushResult::Rejected(Rejected {
                 event_id: Some(publish.event_id),
                 branch: Some(publish.branch.clone()),
@@ -1019,7 +1023,6 @@ impl Writer {
             Some(entry) => entry.1 = device_seq,
             None => seqs.push((device.clone(), device_seq)),
         }
-        self.ctx.metrics.publish("accepted");
         self.accepted(event_id, seq, false)
     }
 
@@ -1076,7 +1079,6 @@ impl Writer {
                 Err(code) => return self.rejected(publish, code, code_message(code)),
             }
         }
-        self.ctx.metrics.publish("rejected");
         PushResult::Rejected(Rejected {
             event_id: Some(publish.event_id),
             branch: Some(publish.branch.clone()),
@@ -1133,11 +1135,8 @@ impl Writer {
             expected_device_seq: None,
             conflict: None,
         };
-        if self.ctx.failed.load(Ordering::Acquire) {
-            return Err(fail(
-                ErrorCode::StorageUnavailable,
-                code_message(ErrorCode::StorageUnavailable),
-            ));
+        if let Err(why) = self.ctx.health.writable() {
+            return Err(fail(why.code(), why.to_string()));
         }
         if self.poisoned {
             return Err(fail(ErrorCode::Internal, POISONED.into()));

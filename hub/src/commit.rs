@@ -7,15 +7,21 @@
 //! are stored as one, see [`crate::log`]). Only after the write is durable does a second
 //! thread, in commit order, publish each branch's new head, fan the events out to its room
 //! and run the publishers' replies, while the first writes the next round. No client ever
-//! sees an event a crash could take back.
+//! sees an event a crash or a power cut could take back.
+//!
+//! Under `--fsync interval=D` a round is released as soon as it is written, and the
+//! committer flushes at most every `D`: after a round once `D` has passed since the last
+//! flush, and on the [`CommitSender::flush`] ticks the hub sends every `D`, so that the last
+//! writes before a quiet spell are flushed too. Every flush runs on this one thread.
 //!
 //! A failed write or flush is fatal for the store: the affected publishes are answered
 //! `storage_unavailable`, the failure is logged and counted, and every later write is refused
 //! the same way until the hub is restarted. (After a failed fsync the state of the file is
-//! unknowable; retrying it could acknowledge what is not on disk.) Reads keep working.
+//! unknowable; retrying it could acknowledge what is not on disk.) Reads keep working. After
+//! each commit the committer also measures the free space, so that writes stop, for a while
+//! only, before the disk is full (see [`crate::health`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -23,6 +29,8 @@ use branchline_protocol::{ErrorCode, Name};
 use tokio::sync::mpsc;
 
 use crate::branch::BranchShared;
+use crate::config::FsyncMode;
+use crate::health::StoreHealth;
 use crate::log::{EventLog, Op};
 use crate::metrics::Metrics;
 use crate::room::{LiveBatch, Rooms};
@@ -55,21 +63,35 @@ const MAX_OPS_PER_COMMIT: usize = 4_096;
 /// Items queued towards the committer before branch writers wait: backpressure, not memory.
 const QUEUE: usize = 4_096;
 
+/// What the committer is sent.
+enum Msg {
+    /// Something to write.
+    Item(CommitItem),
+    /// Under `--fsync interval`: flush what was written since the last flush.
+    Flush,
+}
+
 /// The sending side, held by branch writers.
 #[derive(Clone)]
 pub struct CommitSender {
-    tx: mpsc::Sender<CommitItem>,
+    tx: mpsc::Sender<Msg>,
 }
 
 impl CommitSender {
     /// Queues an item, waiting while the committer is behind.
     pub async fn send(&self, item: CommitItem) {
-        if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
+        if let Err(mpsc::error::SendError(Msg::Item(item))) = self.tx.send(Msg::Item(item)).await {
             // The committer is gone (shutdown): nothing will be written.
             for reply in item.replies {
                 reply(Err(ErrorCode::ShuttingDown));
             }
         }
+    }
+
+    /// Asks for a flush of what was written since the last one (`--fsync interval`); skipped
+    /// when the committer is busy (it flushes after its round anyway).
+    pub fn flush(&self) {
+        let _ = self.tx.try_send(Msg::Flush);
     }
 }
 
@@ -85,8 +107,8 @@ impl Committer {
         log: Arc<dyn EventLog>,
         rooms: Arc<Rooms>,
         metrics: Arc<Metrics>,
-        durable: bool,
-        failed: Arc<AtomicBool>,
+        fsync: FsyncMode,
+        health: Arc<StoreHealth>,
     ) -> std::io::Result<(Self, CommitSender)> {
         let (tx, rx) = mpsc::channel(QUEUE);
         // A few written groups may wait for release; past that the writing thread waits.
@@ -94,7 +116,7 @@ impl Committer {
         let shared = Shared {
             log,
             metrics: metrics.clone(),
-            failed,
+            health,
         };
         let release = std::thread::Builder::new()
             .name("branchline-release".into())
@@ -105,7 +127,7 @@ impl Committer {
             })?;
         let commit = std::thread::Builder::new()
             .name("branchline-commit".into())
-            .spawn(move || run(rx, &shared, durable, &done_tx))?;
+            .spawn(move || run(rx, &shared, fsync, &done_tx))?;
         Ok((
             Self {
                 threads: vec![commit, release],
@@ -130,7 +152,24 @@ const RELEASE_QUEUE: usize = 4;
 struct Shared {
     log: Arc<dyn EventLog>,
     metrics: Arc<Metrics>,
-    failed: Arc<AtomicBool>,
+    health: Arc<StoreHealth>,
+}
+
+impl Shared {
+    /// Records a failed write or flush: nothing more is written until a restart.
+    fn fail(&self, err: &crate::log::StoreError, what: &str) {
+        self.health.fail();
+        self.metrics.store_error();
+        tracing::error!(error = %err, "{what} failed; refusing writes until restart");
+    }
+
+    /// Measures the free space, so that writes stop before the disk is full.
+    fn check_space(&self) {
+        match self.log.free_bytes() {
+            Ok(free) => self.health.note_free(free),
+            Err(e) => tracing::warn!(error = %e, "cannot measure the store's free space"),
+        }
+    }
 }
 
 /// Items written and flushed together, to be released.
@@ -166,21 +205,39 @@ fn refuse(items: Vec<CommitItem>) {
 /// batch and every flush with one process-wide lock, so a second thread would not overlap
 /// them, and a flush racing a batch on another thread is a known source of sled deadlocks.
 fn run(
-    mut rx: mpsc::Receiver<CommitItem>,
+    mut rx: mpsc::Receiver<Msg>,
     shared: &Shared,
-    durable: bool,
+    fsync: FsyncMode,
     done: &std::sync::mpsc::SyncSender<Group>,
 ) {
+    // Under `interval`: how often to flush, and whether anything was written since.
+    let every = match fsync {
+        FsyncMode::Always => None,
+        FsyncMode::Interval(d) => Some(d),
+    };
+    let mut last_flush = Instant::now();
+    let mut unflushed = false;
     let mut ops: Vec<Op> = Vec::new();
-    while let Some(first) = rx.blocking_recv() {
+    while let Some(msg) = rx.blocking_recv() {
+        let first = match msg {
+            Msg::Item(item) => item,
+            Msg::Flush => {
+                if unflushed {
+                    interval_flush(shared, &mut unflushed, &mut last_flush);
+                }
+                continue;
+            }
+        };
         let mut op_count = first.ops.len();
         let mut items = vec![first];
         while op_count < MAX_OPS_PER_COMMIT {
             match rx.try_recv() {
-                Ok(item) => {
+                Ok(Msg::Item(item)) => {
                     op_count += item.ops.len();
                     items.push(item);
                 }
+                // This round flushes, or the interval check after it does.
+                Ok(Msg::Flush) => {}
                 Err(_) => break,
             }
         }
@@ -190,7 +247,7 @@ fn run(
         let started = Instant::now();
         // After a failure nothing is released, not even a round without writes: its head
         // would include events of the failed commit that the writer still counts.
-        let result = if shared.failed.load(Ordering::Acquire) {
+        let result = if shared.health.failed() {
             Err(None)
         } else if ops.is_empty() {
             Ok(())
@@ -198,11 +255,20 @@ fn run(
             shared
                 .log
                 .apply(&ops)
-                .and_then(|()| if durable { shared.log.flush() } else { Ok(()) })
+                .and_then(|()| match every {
+                    None => shared.log.flush(),
+                    Some(_) => {
+                        unflushed = true;
+                        Ok(())
+                    }
+                })
                 .map_err(Some)
         };
         match result {
             Ok(()) => {
+                if !ops.is_empty() {
+                    shared.check_space();
+                }
                 let group = Group {
                     items,
                     ops: ops.len(),
@@ -215,22 +281,35 @@ fn run(
             }
             Err(err) => {
                 if let Some(err) = err {
-                    shared.failed.store(true, Ordering::Release);
-                    shared.metrics.store_error();
-                    tracing::error!(error = %err, "commit failed; refusing writes until restart");
+                    shared.fail(&err, "commit");
                 }
                 refuse(items);
             }
         }
         ops.clear();
+        if every.is_some_and(|d| unflushed && last_flush.elapsed() >= d) {
+            interval_flush(shared, &mut unflushed, &mut last_flush);
+        }
     }
     // After a failure, nothing more is flushed: the refused rounds may still sit in sled's
     // buffers, and they were answered as not accepted.
-    if !shared.failed.load(Ordering::Acquire) {
+    if !shared.health.failed() {
         if let Err(err) = shared.log.flush() {
-            tracing::error!(error = %err, "final flush failed");
+            shared.fail(&err, "the final flush");
         }
     }
+}
+
+/// Under `--fsync interval`: flushes what was written (and acknowledged) since the last flush.
+fn interval_flush(shared: &Shared, unflushed: &mut bool, last_flush: &mut Instant) {
+    if shared.health.failed() {
+        return;
+    }
+    if let Err(err) = shared.log.flush() {
+        shared.fail(&err, "the interval flush");
+    }
+    *unflushed = false;
+    *last_flush = Instant::now();
 }
 
 /// After a durable commit: publish the head first, then fan out, then answer. Readers that

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use branchline_protocol::ConflictPolicy;
+pub use bytesize::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Everything the hub can be told.
@@ -28,9 +29,16 @@ pub struct Config {
     /// Memory sled may use as its page cache. Default 256 MiB: the recent part of every
     /// branch log stays in memory for replay, without crowding out connections.
     pub store_cache_bytes: u64,
-    /// When a publish counts as durable. Default `always`: acknowledge only after the disk
-    /// flush of its group commit, so no acknowledged event can be lost.
+    /// When a publish counts as durable. Default `always`: acknowledge only after its group
+    /// commit is on stable storage (`fdatasync` of every file written, `fsync` of every
+    /// directory changed), so neither a crash nor a power cut can take it back.
     pub fsync: FsyncMode,
+    /// Free space the store's disk must keep: under it new writes are refused
+    /// (`storage_unavailable`, `/readyz` 503) until there is room again, while reads, snapshots
+    /// and shutdown go on. Default 256 MiB: room for the commits already under way, sled's
+    /// snapshots and the final flush, so that the store never meets a full disk of its own
+    /// making (sled 0.34 handles one badly). `0` turns the floor off.
+    pub min_free_space: ByteSize,
     /// How long branch logs keep events and deduplication entries.
     pub retention: RetentionConfig,
     /// Bounds on what one client, connection or request may use.
@@ -54,6 +62,7 @@ impl Default for Config {
             token_secret: None,
             store_cache_bytes: 256 << 20,
             fsync: FsyncMode::Always,
+            min_free_space: ByteSize::mib(256),
             retention: RetentionConfig::default(),
             limits: Limits::default(),
             conflicts: ConflictConfig::default(),
@@ -364,11 +373,12 @@ impl Checks {
 /// When the hub acknowledges a publish.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncMode {
-    /// Group commit: many appends, one disk flush, then acknowledge. Nothing acknowledged is
-    /// ever lost.
+    /// Group commit: many appends, one flush to stable storage, then acknowledge and
+    /// deliver. Nothing acknowledged is ever lost, not even to a power cut.
     Always,
-    /// Acknowledge after the write reaches the store's memory and flush every interval.
-    /// Faster, but a crash may lose up to one interval of acknowledged events.
+    /// Acknowledge and deliver once the write reaches the store's memory; flush to stable
+    /// storage at most every interval. Faster, but a crash or a power cut may lose up to
+    /// about one interval of acknowledged events, after which every branch gets a new epoch.
     Interval(Duration),
 }
 

@@ -875,6 +875,9 @@ async fn push(
         }
     }
     let results = futures::future::join_all(answers).await;
+    for result in &results {
+        hub.metrics.publish_answered(result);
+    }
     encoded(
         &PushResponse {
             branch: key.branch.clone(),

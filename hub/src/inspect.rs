@@ -209,7 +209,6 @@ mod tests {
     use branchline_protocol::{Custom, Effect, EventBody, Name};
 
     use super::*;
-    use crate::config::FsyncMode;
     use crate::log::{Op, StoredEvent};
 
     fn key(b: &str) -> BranchKey {
@@ -245,7 +244,7 @@ mod tests {
     fn store() -> (tempfile::TempDir, PathBuf, Epoch) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("data");
-        let log = SledLog::open(&path, 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(&path, 1 << 20).unwrap();
         let b = Arc::new(key("b1"));
         let epoch = log.open_branch(&b).unwrap().epoch;
         let rounds: Vec<Op> = [2, 4, 6]
@@ -381,7 +380,7 @@ mod tests {
     #[test]
     fn a_store_in_use_is_reported_as_locked() {
         let (_dir, path, _) = store();
-        let _running = SledLog::open(&path, 1 << 20, FsyncMode::Always).unwrap();
+        let _running = SledLog::open(&path, 1 << 20).unwrap();
         let err = inspect(&path, None, &mut Vec::new()).unwrap_err();
         assert!(matches!(err, InspectError::Locked(_)), "{err}");
         assert!(err.to_string().contains("stop the hub first"));

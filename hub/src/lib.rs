@@ -33,6 +33,7 @@ pub mod branch;
 pub mod commit;
 pub mod config;
 pub mod dedup;
+pub mod health;
 pub mod http;
 pub mod inspect;
 pub mod log;

@@ -36,16 +36,16 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use branchline_durable::DurableDir;
 use branchline_protocol::{
     Codec, ConflictRecord, ConflictStatus, Epoch, IdError, Name, Sku, UnixMillis, now_ms,
 };
 use bytes::Bytes;
 use uuid::Uuid;
 
-use crate::config::FsyncMode;
 use crate::state::ProductState;
 
 /// A branch of a tenant: the unit of sequencing, storage and fan-out.
@@ -199,6 +199,9 @@ pub enum StoreError {
     /// The storage engine failed.
     #[error("store: {0}")]
     Engine(#[from] sled::Error),
+    /// A file of the store could not be synced, listed or measured.
+    #[error("store files: {0}")]
+    Disk(#[from] std::io::Error),
     /// Stored bytes could not be read back.
     #[error("store holds unreadable data at {key}: {why}")]
     Corrupt {
@@ -221,8 +224,12 @@ pub trait EventLog: Send + Sync + 'static {
     /// [`flush`](EventLog::flush) that starts after this returns.
     fn apply(&self, ops: &[Op]) -> Result<(), StoreError>;
 
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable: on stable storage, as a power cut would find
+    /// it, not just handed to the operating system.
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// Bytes free on the disk that holds the store.
+    fn free_bytes(&self) -> Result<u64, StoreError>;
 
     /// Events with `after < seq <= until`, in order, at most `limit`.
     fn read_events(
@@ -506,9 +513,46 @@ impl BranchRounds<'_> {
 pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The replay log in an embedded sled database.
+///
+/// Every flush is sled's flush followed by [`DurableDir::sync`]: sled 0.34's own flush ends
+/// in `sync_file_range`, which survives a crash of the process but not a power cut (see the
+/// `branchline-durable` crate).
 pub struct SledLog {
-    db: sled::Db,
-    tree: sled::Tree,
+    db: Closing<sled::Db>,
+    tree: Closing<sled::Tree>,
+    durable: DurableDir,
+    dir: PathBuf,
+}
+
+/// A sled handle that is dropped on a thread of its own.
+///
+/// sled flushes when its last handle is dropped, and a flush that cannot finish (a full disk
+/// after a failed write) waits forever: dropped in place, it would hang whichever thread let
+/// go of the store last, the process's main thread included. So dropping a [`SledLog`] does
+/// not wait for that flush, and the process may exit before it ends: whoever writes flushes
+/// what must be kept (commits, the hub's last flush at shutdown, the offline tools).
+struct Closing<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> std::ops::Deref for Closing<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &self.0 {
+            Some(handle) => handle,
+            None => unreachable!("a store handle is only taken when the store is dropped"),
+        }
+    }
+}
+
+impl Drop for SledLog {
+    fn drop(&mut self) {
+        let (tree, db) = (self.tree.0.take(), self.db.0.take());
+        let closing = std::thread::Builder::new()
+            .name("branchline-store-close".into())
+            .spawn(move || drop((tree, db)));
+        if let Err(e) = closing {
+            tracing::error!(error = %e, "cannot start a thread to close the store; leaving it open");
+        }
+    }
 }
 
 impl SledLog {
@@ -517,17 +561,20 @@ impl SledLog {
     /// If the store is still locked by a hub that is stopping in this process (sled's
     /// background threads let go of it shortly after the last handle is dropped), waits for it
     /// up to [`LOCK_WAIT`].
-    pub fn open(dir: &Path, cache_bytes: u64, fsync: FsyncMode) -> Result<Self, StoreError> {
-        let flush_every = match fsync {
-            // Commits flush themselves; a background flush would only take the committer's
-            // locks and CPU.
-            FsyncMode::Always => None,
-            FsyncMode::Interval(d) => Some(u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)),
-        };
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        let removed = branchline_durable::prepare(dir)?;
+        if !removed.is_empty() {
+            tracing::warn!(
+                files = ?removed,
+                "removed the snapshot files an interrupted snapshot left (sled rebuilds them)"
+            );
+        }
+        // The committer flushes (in every durability mode): sled's own periodic flush would
+        // take the committer's locks, and sync neither blobs nor directories.
         let config = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
-            .flush_every_ms(flush_every);
+            .flush_every_ms(None);
         let deadline = std::time::Instant::now() + LOCK_WAIT;
         let db = loop {
             match config.open() {
@@ -541,8 +588,21 @@ impl SledLog {
                 other => break other?,
             }
         };
+        Self::with_db(db, dir)
+    }
+
+    fn with_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
         let tree = db.open_tree("log")?;
-        Ok(Self { db, tree })
+        // Everything sled made while opening (its files, the tree) is durable before the
+        // store is used.
+        db.flush()?;
+        let durable = DurableDir::open(dir)?;
+        Ok(Self {
+            db: Closing(Some(db)),
+            tree: Closing(Some(tree)),
+            durable,
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// How many events a branch log holds and their bytes (a full scan: for inspection).
@@ -583,7 +643,7 @@ impl EventLog for SledLog {
                     .compare_and_swap(&meta_key, None::<&[u8]>, Some(meta))?
                 {
                     Ok(()) => {
-                        self.db.flush()?;
+                        self.flush()?;
                         epoch
                     }
                     Err(cas) => {
@@ -701,7 +761,12 @@ impl EventLog for SledLog {
 
     fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
+        self.durable.sync()?;
         Ok(())
+    }
+
+    fn free_bytes(&self) -> Result<u64, StoreError> {
+        Ok(branchline_durable::free_bytes(&self.dir)?)
     }
 
     fn read_events(
@@ -834,7 +899,7 @@ impl EventLog for SledLog {
         // than serving a partial page.
         self.tree
             .insert(key(FLOOR, branch, &[]), &floor.to_be_bytes())?;
-        self.db.flush()?;
+        self.flush()?;
         // Rounds are keyed by their last seq: those at or below the floor go whole. A round
         // across the floor stays; its events at or below the floor are never read again.
         let end = key(EVENT, branch, &floor.to_be_bytes());
@@ -898,13 +963,13 @@ impl EventLog for SledLog {
             }
         }
         self.tree.insert([RUN], &[u8::from(durable)])?;
-        self.db.flush()?;
+        self.flush()?;
         Ok(reset)
     }
 
     fn end_run(&self) -> Result<(), StoreError> {
         self.tree.remove([RUN])?;
-        self.db.flush()?;
+        self.flush()?;
         Ok(())
     }
 
@@ -920,6 +985,7 @@ impl SledLog {
     /// not wait for a held lock (a running hub holds it; sled's error says "could not acquire
     /// lock") and does not create the replay log: a store without one is reported as such.
     pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
+        branchline_durable::prepare(dir)?;
         let db = sled::Config::new()
             .path(dir)
             .cache_capacity(cache_bytes)
@@ -931,8 +997,7 @@ impl SledLog {
                 why: "this store has no replay log".into(),
             });
         }
-        let tree = db.open_tree("log")?;
-        Ok(Self { db, tree })
+        Self::with_db(db, dir)
     }
 
     /// The `(epoch, head, floor)` of `branch`'s log, or `None` if it has none. Unlike
@@ -975,6 +1040,9 @@ impl SledLog {
         batch.insert(key(FLOOR, branch, &[]), &head.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.trim(branch, head)?;
+        // Dropping the store does not flush (see [`Closing`]): what a tool wrote is made
+        // durable here.
+        self.flush()?;
         Ok(Some((old, new)))
     }
 }
@@ -1005,10 +1073,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = branch("acme", "b1");
         let first = {
-            let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+            let log = SledLog::open(dir.path(), 1 << 20).unwrap();
             log.open_branch(&b).unwrap().epoch
         };
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.open_branch(&b).unwrap().epoch, first);
         assert_ne!(log.open_branch(&branch("acme", "b2")).unwrap().epoch, first);
         assert_eq!(log.branches().unwrap().len(), 2);
@@ -1017,7 +1085,7 @@ mod tests {
     #[test]
     fn reads_return_ranges_in_order_and_trim_moves_the_floor() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         let b = Arc::new(branch("acme", "b1"));
         log.open_branch(&b).unwrap();
         // Three rounds of 100 events each.
@@ -1114,7 +1182,7 @@ mod tests {
     #[test]
     fn dedup_entries_are_found_by_id_across_buckets_and_outlive_nothing_still_logged() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         let b = Arc::new(branch("acme", "b1"));
         let other = Arc::new(branch("acme", "b2"));
         log.open_branch(&b).unwrap();
@@ -1155,7 +1223,7 @@ mod tests {
     #[test]
     fn rounds_of_one_commit_are_stored_as_one_and_read_back_whole() {
         let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         let (a, b) = (
             Arc::new(branch("acme", "b1")),
             Arc::new(branch("acme", "b2")),
@@ -1195,7 +1263,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = Arc::new(branch("acme", "b1"));
         let epoch_of = |log: &SledLog| log.open_branch(&b).unwrap().epoch;
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.begin_run(false).unwrap(), 0, "a fresh store");
         let first = epoch_of(&log);
         log.apply(&[round(&b, 1, &[id_at(1, 1), id_at(1, 2)], 10)])
@@ -1210,7 +1278,7 @@ mod tests {
         assert_eq!(epoch_of(&log), first);
         // This interval run "crashes": no end_run.
         drop(log);
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.begin_run(true).unwrap(), 1);
         let loaded = log.open_branch(&b).unwrap();
         assert_ne!(loaded.epoch, first, "a new epoch");
@@ -1221,7 +1289,7 @@ mod tests {
         );
         // A durable run that crashes leaves the epoch alone.
         drop(log);
-        let log = SledLog::open(dir.path(), 1 << 20, FsyncMode::Always).unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(log.begin_run(true).unwrap(), 0);
         assert_eq!(epoch_of(&log), loaded.epoch);
     }

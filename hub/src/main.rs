@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use branchline_hub::auth::{Branches, Claims, TokenKeys};
-use branchline_hub::config::{Config, FsyncMode};
+use branchline_hub::config::{ByteSize, Config, FsyncMode};
 use branchline_hub::inspect;
 use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::{ConflictPolicy, Name, Role};
@@ -82,9 +82,14 @@ struct ServeArgs {
     /// Store page cache, bytes [default: 256 MiB].
     #[arg(long, env = "BRANCHLINE_STORE_CACHE_BYTES")]
     store_cache_bytes: Option<u64>,
-    /// `always` (ack after flush) or `interval=<duration>` [default: always].
+    /// `always` (ack after the commit is on stable storage) or `interval=<duration>`
+    /// [default: always].
     #[arg(long, env = "BRANCHLINE_FSYNC")]
     fsync: Option<FsyncMode>,
+    /// Free space the store's disk keeps: new writes are refused under it, reads go on;
+    /// `0` turns it off [default: 256MiB].
+    #[arg(long, env = "BRANCHLINE_MIN_FREE_SPACE")]
+    min_free_space: Option<ByteSize>,
     /// Most events a branch log keeps [default: 5000000].
     #[arg(long, env = "BRANCHLINE_RETENTION_MAX_EVENTS")]
     retention_max_events: Option<u64>,
@@ -218,6 +223,7 @@ impl ServeArgs {
             self.data_dir.clone() => c.data_dir,
             self.store_cache_bytes => c.store_cache_bytes,
             self.fsync => c.fsync,
+            self.min_free_space => c.min_free_space,
             self.shutdown_grace => c.shutdown_grace,
         }
         if self.token_secret.is_some() {

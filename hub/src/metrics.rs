@@ -5,6 +5,8 @@
 
 use std::time::Duration;
 
+use branchline_protocol::http::PushResult;
+
 use metrics::{
     Counter, Gauge, Histogram, Key, KeyName, Label, Level, Metadata, Recorder, SharedString, Unit,
 };
@@ -15,6 +17,8 @@ use metrics_exporter_prometheus::{
 /// The hub's metrics.
 pub struct Metrics {
     handle: PrometheusHandle,
+    /// Registers the counters made on first use (rejections by code).
+    recorder: PrometheusRecorder,
     /// Open connections (WebSocket and HTTP).
     pub connections: Gauge,
     /// Live WebSocket sessions.
@@ -25,7 +29,6 @@ pub struct Metrics {
     pub queued_events: Gauge,
     publishes_accepted: Counter,
     publishes_duplicate: Counter,
-    publishes_rejected: Counter,
     /// Events written to sessions.
     pub deliveries: Counter,
     /// Sessions cut over to catch-up from the log.
@@ -42,6 +45,7 @@ pub struct Metrics {
 }
 
 const METRIC: Metadata<'static> = Metadata::new("branchline_hub", Level::INFO, None);
+const PUBLISHES: &str = "branchline_publishes_total";
 
 impl Metrics {
     /// A fresh set of metrics with its own recorder.
@@ -82,8 +86,8 @@ impl Metrics {
             describe(&recorder, name, help, Kind::Histogram);
             recorder.register_histogram(&key(name, &[]), &METRIC)
         };
-        let publishes = "branchline_publishes_total";
-        let help = "Publishes answered, by result";
+        let publishes = PUBLISHES;
+        let help = "Publishes answered, by result (and, for rejections, by code)";
         Self {
             connections: gauge(
                 "branchline_connections",
@@ -100,7 +104,6 @@ impl Metrics {
             ),
             publishes_accepted: counter(publishes, help, &[("result", "accepted")]),
             publishes_duplicate: counter(publishes, help, &[("result", "duplicate")]),
-            publishes_rejected: counter(publishes, help, &[("result", "rejected")]),
             deliveries: counter(
                 "branchline_deliveries_total",
                 "Events written to sessions",
@@ -137,15 +140,26 @@ impl Metrics {
                 &[],
             ),
             handle: recorder.handle(),
+            recorder,
         }
     }
 
-    /// Counts a publish answered with `result` (`accepted`, `duplicate` or `rejected`).
-    pub fn publish(&self, result: &str) {
-        match result {
-            "accepted" => self.publishes_accepted.increment(1),
-            "duplicate" => self.publishes_duplicate.increment(1),
-            _ => self.publishes_rejected.increment(1),
+    /// Counts a publish as it is answered: `accepted` only once it is durable, `duplicate`,
+    /// or `rejected` with its code.
+    pub fn publish_answered(&self, answer: &PushResult) {
+        match answer {
+            PushResult::Accepted(a) if a.duplicate => self.publishes_duplicate.increment(1),
+            PushResult::Accepted(_) => self.publishes_accepted.increment(1),
+            PushResult::Rejected(r) => self
+                .recorder
+                .register_counter(
+                    &key(
+                        PUBLISHES,
+                        &[("result", "rejected"), ("code", r.code.as_str())],
+                    ),
+                    &METRIC,
+                )
+                .increment(1),
         }
     }
 

@@ -8,7 +8,6 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use branchline_protocol::{ErrorCode, Name, UnixMillis, now_ms};
@@ -25,8 +24,9 @@ use uuid::Uuid;
 
 use crate::auth::TokenKeys;
 use crate::branch::{Branches, WriterCtx};
-use crate::commit::Committer;
+use crate::commit::{CommitSender, Committer};
 use crate::config::{Config, FsyncMode};
+use crate::health::StoreHealth;
 use crate::log::{EventLog, SledLog, StoreError};
 use crate::metrics::Metrics;
 use crate::room::{Rooms, SessionCtl};
@@ -40,6 +40,14 @@ pub enum HubError {
     #[error("configuration: {0}")]
     Config(String),
     /// The store could not be opened.
+    #[error("cannot open the store in {dir}: {source}")]
+    Open {
+        /// The store directory.
+        dir: std::path::PathBuf,
+        /// What went wrong.
+        source: StoreError,
+    },
+    /// The store failed while starting.
     #[error(transparent)]
     Store(#[from] StoreError),
     /// An I/O failure (starting the committer thread, binding).
@@ -73,8 +81,8 @@ pub struct Hub {
     pub snapshots: Snapshots,
     /// Metrics.
     pub metrics: Arc<Metrics>,
-    /// Set once a store write failed.
-    pub failed: Arc<AtomicBool>,
+    /// Whether the store takes writes.
+    pub health: Arc<StoreHealth>,
     /// Cancelled when the hub shuts down.
     pub shutdown: CancellationToken,
     /// Connection and session tasks.
@@ -82,6 +90,8 @@ pub struct Hub {
     writers: TaskTracker,
     device_sessions: DashMap<(Name, Name), Vec<Arc<SessionCtl>>>,
     committer: std::sync::Mutex<Option<Committer>>,
+    /// Under `--fsync interval`: the sender the flush ticker uses, until it starts.
+    flush_ticks: std::sync::Mutex<Option<(CommitSender, Duration)>>,
     last_dedup_expiry: std::sync::Mutex<UnixMillis>,
 }
 
@@ -100,12 +110,13 @@ impl Hub {
         config
             .validate()
             .map_err(|e| HubError::Config(e.to_string()))?;
-        std::fs::create_dir_all(&config.data_dir)?;
-        let log: Arc<dyn EventLog> = Arc::new(SledLog::open(
-            &config.data_dir,
-            config.store_cache_bytes,
-            config.fsync,
-        )?);
+        let opened = std::fs::create_dir_all(&config.data_dir)
+            .map_err(StoreError::from)
+            .and_then(|()| SledLog::open(&config.data_dir, config.store_cache_bytes));
+        let log: Arc<dyn EventLog> = Arc::new(opened.map_err(|source| HubError::Open {
+            dir: config.data_dir.clone(),
+            source,
+        })?);
         Self::with_log(config, &secret, log)
     }
 
@@ -117,7 +128,11 @@ impl Hub {
     ) -> Result<Arc<Self>, HubError> {
         let metrics = Arc::new(Metrics::new());
         let rooms = Arc::new(Rooms::default());
-        let failed = Arc::new(AtomicBool::new(false));
+        let health = Arc::new(StoreHealth::new(config.min_free_space.as_u64()));
+        health.note_free(log.free_bytes()?);
+        if let Err(why) = health.writable() {
+            tracing::warn!("{why}: serving reads only until there is room");
+        }
         let durable = config.fsync == FsyncMode::Always;
         let reset = log.begin_run(durable)?;
         if reset > 0 {
@@ -131,15 +146,19 @@ impl Hub {
             log.clone(),
             rooms.clone(),
             metrics.clone(),
-            durable,
-            failed.clone(),
+            config.fsync,
+            health.clone(),
         )?;
+        let flush_ticks = match config.fsync {
+            FsyncMode::Interval(d) => Some((sender.clone(), d)),
+            FsyncMode::Always => None,
+        };
         let writers = TaskTracker::new();
         let branches = Branches::new(WriterCtx {
             log: log.clone(),
             committer: sender,
             policies: Policies::from(&config.conflicts),
-            failed: failed.clone(),
+            health: health.clone(),
             metrics: metrics.clone(),
             tracker: writers.clone(),
         });
@@ -157,28 +176,35 @@ impl Hub {
             rooms,
             snapshots: Snapshots::default(),
             metrics,
-            failed,
+            health,
             shutdown: CancellationToken::new(),
             conns: TaskTracker::new(),
             writers,
             device_sessions: DashMap::new(),
             committer: std::sync::Mutex::new(Some(committer)),
+            flush_ticks: std::sync::Mutex::new(flush_ticks),
             last_dedup_expiry: std::sync::Mutex::new(now_ms()),
         }))
     }
 
-    /// Whether the hub accepts writes: its store is healthy and it is not shutting down.
-    pub fn ready(&self) -> Result<(), (ErrorCode, &'static str)> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err((
-                ErrorCode::StorageUnavailable,
-                "a store write failed; restart the hub after fixing the disk",
-            ));
+    /// Whether the hub accepts writes: its store is healthy, has room, and the hub is not
+    /// shutting down.
+    pub fn ready(&self) -> Result<(), (ErrorCode, String)> {
+        if let Err(why) = self.health.writable() {
+            return Err((why.code(), why.to_string()));
         }
         if self.shutdown.is_cancelled() {
-            return Err((ErrorCode::ShuttingDown, "the hub is shutting down"));
+            return Err((ErrorCode::ShuttingDown, "the hub is shutting down".into()));
         }
         Ok(())
+    }
+
+    /// Measures the store's free space (writes stop under the floor, resume above it).
+    fn check_space(&self) {
+        match self.log.free_bytes() {
+            Ok(free) => self.health.note_free(free),
+            Err(e) => tracing::warn!(error = %e, "cannot measure the store's free space"),
+        }
     }
 
     /// Records a new session of `device`; closes the device's oldest sessions past the limit.
@@ -312,15 +338,25 @@ impl Hub {
             }
         }
         // A store that failed, or whose committer may still write, is left marked as not
-        // stopped cleanly.
-        if !self.failed.load(Ordering::Acquire) {
-            let flushed = self.log.flush();
-            let ended = match flushed {
-                Ok(()) if unfinished.is_empty() => self.log.end_run(),
-                other => other,
-            };
-            if let Err(e) = ended {
-                tracing::error!(error = %e, "final flush failed");
+        // stopped cleanly. The last flush gets what is left of the grace: on a disk that
+        // cannot take it, it is abandoned (its thread left behind) rather than waited for.
+        if !self.health.failed() {
+            let (log, clean) = (self.log.clone(), unfinished.is_empty());
+            let last = tokio::task::spawn_blocking(move || {
+                log.flush()?;
+                if clean { log.end_run() } else { Ok(()) }
+            });
+            match tokio::time::timeout_at(deadline, last).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::error!(error = %e, "the final flush failed");
+                    unfinished.push("the final flush (failed)");
+                }
+                Ok(Err(_)) => unfinished.push("the final flush (panicked)"),
+                Err(_) => {
+                    tracing::error!("the final flush did not finish within the shutdown grace");
+                    unfinished.push("the final flush");
+                }
             }
         }
         if unfinished.is_empty() {
@@ -379,6 +415,15 @@ pub async fn serve(
             .allow_burst(per_second(limits.connection_burst)),
     );
     hub.writers.spawn(maintenance(hub.clone()));
+    let ticks = hub
+        .flush_ticks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some((sender, every)) = ticks {
+        hub.writers
+            .spawn(flush_ticker(sender, every, hub.shutdown.clone()));
+    }
     tokio::pin!(shutdown);
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -450,7 +495,20 @@ async fn connection(
     }
 }
 
-/// Periodic upkeep: metrics, snapshot expiry and retention.
+/// Under `--fsync interval`: asks the committer for a flush every interval, so that the last
+/// writes before a quiet spell are flushed too. Ends (dropping its sender) at shutdown.
+async fn flush_ticker(sender: CommitSender, every: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => sender.flush(),
+        }
+    }
+}
+
+/// Periodic upkeep: free space, metrics, snapshot expiry and retention.
 async fn maintenance(hub: Arc<Hub>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     let mut retention = tokio::time::interval(hub.config.retention.interval);
@@ -458,6 +516,7 @@ async fn maintenance(hub: Arc<Hub>) {
         tokio::select! {
             _ = hub.shutdown.cancelled() => return,
             _ = tick.tick() => {
+                hub.check_space();
                 hub.metrics.upkeep();
                 hub.metrics.rooms.set(hub.rooms.len() as f64);
                 hub.metrics.queued_events.set(hub.rooms.queued_events() as f64);

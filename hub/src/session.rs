@@ -784,6 +784,7 @@ impl Session {
     }
 
     fn answer(&mut self, answer: PushResult) {
+        self.hub.metrics.publish_answered(&answer);
         let frame = match answer {
             PushResult::Accepted(a) => ServerFrame::Accepted(a),
             PushResult::Rejected(r) => ServerFrame::Rejected(r),

@@ -69,8 +69,8 @@ impl TestHub {
     /// plain store.
     pub async fn start_hooked(hooks: impl StoreHooks) -> Self {
         let store = |config: &Config| -> Arc<dyn EventLog> {
-            let inner = SledLog::open(&config.data_dir, config.store_cache_bytes, config.fsync)
-                .expect("the store opens");
+            let inner =
+                SledLog::open(&config.data_dir, config.store_cache_bytes).expect("the store opens");
             Arc::new(Hooked { inner, hooks })
         };
         Self::launch(Self::config(), Self::temp_dir(), Some(store)).await
@@ -257,6 +257,11 @@ pub trait StoreHooks: Send + Sync + 'static {
     fn before_read(&self, _store: &SledLog, _branch: &BranchKey) -> Result<(), StoreError> {
         Ok(())
     }
+
+    /// The free space to report instead of the disk's, if any (a disk filling up).
+    fn free_bytes(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// The sled store behind [`StoreHooks`].
@@ -336,5 +341,11 @@ impl<H: StoreHooks> EventLog for Hooked<H> {
     }
     fn size_on_disk(&self) -> Result<u64, StoreError> {
         self.inner.size_on_disk()
+    }
+    fn free_bytes(&self) -> Result<u64, StoreError> {
+        match self.hooks.free_bytes() {
+            Some(free) => Ok(free),
+            None => self.inner.free_bytes(),
+        }
     }
 }

@@ -9,181 +9,17 @@
 
 mod support;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use branchline_hub::auth::Branches;
-use branchline_hub::protocol::http::EventsPage;
 use branchline_hub::protocol::*;
-use futures::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
-use support::process::{HubProcess, SECRET, mint};
+use support::fleet::{Fleet, check_logs, in_flight_at_each_kill, token};
+use support::process::{HubProcess, SECRET};
 use support::*;
-use tokio::sync::watch;
-use tokio_tungstenite::tungstenite::Message;
-
-const WINDOW: usize = 32;
 
 /// The hub binary on `data` with the process tests' secret.
 async fn spawn_hub(data: &std::path::Path) -> HubProcess {
     HubProcess::start(data, &["--token-secret", SECRET]).await
-}
-
-fn token(branch: &str, device: &str, role: Role) -> String {
-    let branches = if branch == "*" {
-        Branches::All
-    } else {
-        Branches::List(vec![name(branch)])
-    };
-    mint(branches, device, role)
-}
-
-/// When each kill was ordered, in order: a publish sent before its kill and never answered
-/// was in flight when the hub died.
-type Kills = Arc<Mutex<Vec<Instant>>>;
-
-#[derive(Default)]
-struct DeviceLog {
-    acked: Vec<(uuid::Uuid, u64)>,
-    published: HashSet<uuid::Uuid>,
-    epochs: HashSet<Epoch>,
-    first: Option<Publish>,
-    /// For each connection the hub's death ended: the kill, and the publishes sent before it
-    /// that were never answered.
-    in_flight_at_kill: Vec<(usize, usize)>,
-}
-
-/// A publish waiting for its answer, and when it was sent on the current connection.
-struct Pending {
-    publish: Publish,
-    sent_at: Option<Instant>,
-}
-
-/// A device that publishes `target` events, reconnecting to wherever the hub is and resending
-/// what was not acknowledged (same ids, same device_seq), as the SDK's outbox does.
-async fn device(
-    branch: String,
-    device: String,
-    mut addr: watch::Receiver<String>,
-    target: u64,
-    kills: Kills,
-) -> DeviceLog {
-    let token = token(&branch, &device, Role::Cashier);
-    let mut log = DeviceLog::default();
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut next_ds = 1;
-    while (log.acked.len() as u64) < target {
-        let url = format!("ws://{}/v1/ws", addr.borrow_and_update().clone());
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                url.as_str(),
-            )
-            .unwrap();
-        req.headers_mut().insert(
-            "Sec-WebSocket-Protocol",
-            Codec::MsgPack.subprotocol().parse().unwrap(),
-        );
-        let Ok(Ok((ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(req),
-        )
-        .await
-        else {
-            // The hub is down: wait for the next one.
-            let _ = tokio::time::timeout(Duration::from_millis(50), addr.changed()).await;
-            continue;
-        };
-        let (mut sink, mut stream) = ws.split();
-        let hello = ClientFrame::Hello(Hello {
-            protocol: PROTOCOL_VERSION,
-            token: token.clone(),
-            tenant: name("acme"),
-            device: name(&device),
-            client_time_ms: now_ms(),
-            subscriptions: vec![Subscription {
-                branch: name(&branch),
-                from: None,
-            }],
-            agent: None,
-        });
-        let encode = |f: &ClientFrame| Message::Binary(Codec::MsgPack.encode(f).unwrap());
-        if sink.send(encode(&hello)).await.is_err() {
-            continue;
-        }
-        // Resend everything unacknowledged, in order.
-        let mut alive = true;
-        for p in &pending {
-            if sink
-                .feed(encode(&ClientFrame::Publish(p.publish.clone())))
-                .await
-                .is_err()
-            {
-                alive = false;
-                break;
-            }
-        }
-        alive = alive && sink.flush().await.is_ok();
-        if alive {
-            let now = Instant::now();
-            for p in &mut pending {
-                p.sent_at = Some(now);
-            }
-        }
-        while alive && (log.acked.len() as u64) < target {
-            let room = pending.len() < WINDOW && next_ds <= target;
-            tokio::select! {
-                msg = stream.next() => {
-                    let Some(Ok(Message::Binary(bytes))) = msg else {
-                        if matches!(msg, Some(Ok(_))) { continue; }
-                        break;
-                    };
-                    match Codec::MsgPack.decode_server_frame(&bytes).unwrap() {
-                        ServerFrame::Welcome(w) => { log.epochs.insert(w.branches[0].epoch); }
-                        ServerFrame::Accepted(a) => {
-                            let front = pending.pop_front().expect("an answer for a sent event");
-                            assert_eq!(a.event_id, front.publish.event_id, "answers come in publish order");
-                            log.epochs.insert(a.epoch);
-                            log.acked.push((a.event_id, a.seq));
-                        }
-                        ServerFrame::Rejected(r) => panic!("{device}: unexpected rejection {r:?}"),
-                        _ => {}
-                    }
-                }
-                sent_ok = async {
-                    let p = publish(&branch, next_ds, sale_of("TEA", 1));
-                    log.published.insert(p.event_id);
-                    if log.first.is_none() { log.first = Some(p.clone()); }
-                    pending.push_back(Pending { publish: p.clone(), sent_at: None });
-                    next_ds += 1;
-                    sink.send(encode(&ClientFrame::Publish(p))).await.is_ok()
-                }, if room => {
-                    if !sent_ok { break; }
-                    if let Some(p) = pending.back_mut() {
-                        p.sent_at = Some(Instant::now());
-                    }
-                }
-            }
-        }
-        if (log.acked.len() as u64) < target {
-            // The connection died: if a kill ended it, count what it cut off in flight.
-            let last_kill = {
-                let kills = kills.lock().unwrap();
-                kills.last().map(|at| (kills.len() - 1, *at))
-            };
-            if let Some((kill, at)) = last_kill {
-                let cut = pending
-                    .iter()
-                    .filter(|p| p.sent_at.is_some_and(|sent| sent < at))
-                    .count();
-                log.in_flight_at_kill.push((kill, cut));
-            }
-        }
-        for p in &mut pending {
-            p.sent_at = None;
-        }
-    }
-    log
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,104 +28,35 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut hub = spawn_hub(&data).await;
-    let (addr_tx, addr_rx) = watch::channel(hub.addr.clone());
-    let kills = Kills::default();
     let devices = [
         ("b1", "till-1"),
         ("b1", "till-2"),
         ("b2", "till-3"),
         ("b2", "till-4"),
     ];
-    let tasks: Vec<_> = devices
-        .iter()
-        .map(|(b, d)| {
-            tokio::spawn(device(
-                b.to_string(),
-                d.to_string(),
-                addr_rx.clone(),
-                TARGET,
-                kills.clone(),
-            ))
-        })
-        .collect();
+    let fleet = Fleet::start(&hub.addr, &devices, TARGET);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     for round in 0..4 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..700))).await;
-        kills.lock().unwrap().push(Instant::now());
+        fleet.killing();
         hub.kill_9().await;
         hub = spawn_hub(&data).await;
         eprintln!("round {round}: killed and restarted on {}", hub.addr);
-        addr_tx.send(hub.addr.clone()).unwrap();
+        fleet.moved(&hub.addr);
     }
-    let mut logs = Vec::new();
-    for task in tasks {
-        logs.push(task.await.unwrap());
-    }
-    let mut in_flight = [0usize; 4];
-    for (kill, cut) in logs.iter().flat_map(|l| &l.in_flight_at_kill) {
-        in_flight[*kill] += cut;
-    }
+    let logs = fleet.join().await;
+    let in_flight = in_flight_at_each_kill(&logs, 4);
     eprintln!("publishes in flight at each kill: {in_flight:?}");
     assert!(
         in_flight.iter().any(|&n| n > 0),
         "no kill landed while publishes were in flight, so the crash window was never hit"
     );
-
-    let addr = addr_tx.borrow().clone();
-    let admin = token("*", "console", Role::Admin);
-    let client = reqwest::Client::new();
-    let mut by_id: HashMap<uuid::Uuid, u64> = HashMap::new();
-    let mut epochs = HashSet::new();
-    for branch in ["b1", "b2"] {
-        let page: EventsPage = client
-            .get(format!(
-                "http://{addr}/v1/branches/acme/{branch}/events?after=0&limit=5000"
-            ))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert!(!page.has_more);
-        assert_contiguous(&page.events, 1, 2 * TARGET);
-        epochs.insert(page.epoch);
-        for e in &page.events {
-            assert!(
-                by_id.insert(e.event_id, e.seq).is_none(),
-                "event {} logged twice",
-                e.event_id
-            );
-        }
-    }
     for log in &logs {
         assert_eq!(log.acked.len() as u64, TARGET);
-        for (id, seq) in &log.acked {
-            assert_eq!(
-                by_id.get(id),
-                Some(seq),
-                "acknowledged event {id} is in the log at its seq"
-            );
-        }
-        assert!(
-            log.epochs.iter().all(|e| epochs.contains(e)),
-            "the epoch never changed across restarts"
-        );
     }
-    let published: usize = logs.iter().map(|l| l.published.len()).sum();
-    assert_eq!(
-        by_id.len(),
-        published,
-        "nothing was logged that was not published"
-    );
-
-    // Dedup still knows events from before the crashes.
-    let first = logs[0].first.clone().unwrap();
-    let mut ws = hub.till("till-1").await;
-    let again = ws.publish(first.clone()).await.unwrap();
-    assert_eq!((again.seq, again.duplicate), (by_id[&first.event_id], true));
+    let heads = check_logs(&hub.addr, &["b1", "b2"], &logs).await;
+    assert_eq!(heads, [2 * TARGET, 2 * TARGET]);
     hub.kill_9().await;
 }
 
