@@ -215,6 +215,17 @@ pub enum StoreError {
     Failed,
 }
 
+impl StoreError {
+    /// Whether it failed for want of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StoreError::Engine(sled::Error::Io(e)) | StoreError::Disk(e) => e,
+            _ => return false,
+        };
+        io.kind() == std::io::ErrorKind::StorageFull
+    }
+}
+
 /// The storage engine boundary.
 pub trait EventLog: Send + Sync + 'static {
     /// Opens a branch, creating its log (with a fresh epoch, durably) if it has none.
@@ -1066,6 +1077,20 @@ mod tests {
         assert!(rest.is_empty());
         assert_eq!(BranchKey::parse("acme/b1").unwrap(), a);
         assert!(BranchKey::parse("acme").is_err());
+    }
+
+    #[test]
+    fn a_store_left_with_an_interrupted_snapshot_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = branch("acme", "b1");
+        let epoch = SledLog::open(dir.path(), 1 << 20)
+            .unwrap()
+            .open_branch(&b)
+            .unwrap()
+            .epoch;
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), b"").unwrap();
+        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(log.open_branch(&b).unwrap().epoch, epoch);
     }
 
     #[test]

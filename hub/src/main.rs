@@ -15,6 +15,7 @@ use branchline_hub::config::{ByteSize, Config, FsyncMode};
 use branchline_hub::inspect;
 use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::{ConflictPolicy, Name, Role};
+use branchline_hub::server::Hub;
 use clap::{Args, Parser, Subcommand};
 
 // The hub allocates per event on every thread (frames, batches, sled's nodes); glibc's malloc
@@ -407,13 +408,17 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", config.listen))?;
             let addr = listener.local_addr()?;
+            // "listening" is said once the hub can serve: the store open, the socket bound.
+            let (data_dir, fsync) = (config.data_dir.clone(), config.fsync);
             if args.dev {
                 print_dev_tokens(&config, addr)?;
             }
+            let hub = tokio::task::spawn_blocking(move || Hub::open(config))
+                .await
+                .context("opening the store")??;
             println!(
-                "branchline-hub listening on http://{addr} (store {}, fsync {})",
-                config.data_dir.display(),
-                config.fsync
+                "branchline-hub listening on http://{addr} (store {}, fsync {fsync})",
+                data_dir.display(),
             );
             let signalled = Arc::new(tokio::sync::Notify::new());
             let signal = {
@@ -425,7 +430,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 }
             };
             tokio::select! {
-                served = branchline_hub::run(listener, config, signal) => served?,
+                served = branchline_hub::server::serve(hub, listener, signal) => served?,
                 () = async {
                     signalled.notified().await;
                     tokio::time::sleep(grace).await;

@@ -40,7 +40,11 @@ pub enum HubError {
     #[error("configuration: {0}")]
     Config(String),
     /// The store could not be opened.
-    #[error("cannot open the store in {dir}: {source}")]
+    #[error("cannot open the store in {dir}: {source}{hint}", hint = if source.is_disk_full() {
+        "; the disk is full: make room and start again (nothing acknowledged is lost)"
+    } else {
+        ""
+    })]
     Open {
         /// The store directory.
         dir: std::path::PathBuf,

@@ -39,6 +39,19 @@ impl HubProcess {
 
     /// [`HubProcess::start`] with environment variables set for the process.
     pub async fn start_with_env(data: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        match Self::try_start(data, args, env).await {
+            Ok(hub) => hub,
+            Err((status, output)) => panic!("the hub exited before listening ({status}): {output}"),
+        }
+    }
+
+    /// Starts the hub like [`HubProcess::start`]; if it exits instead of listening, returns
+    /// its exit status and everything it printed.
+    pub async fn try_start(
+        data: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, (ExitStatus, String)> {
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(["--log", "warn", "--data"])
@@ -74,18 +87,29 @@ impl HubProcess {
             None
         })
         .await
-        .expect("the hub listens in time")
-        .unwrap_or_else(|| panic!("the hub exited before listening: {banner:?}"));
+        .expect("the hub listens or exits in time");
+        let Some(addr) = addr else {
+            let status = tokio::time::timeout(WAIT, child.wait())
+                .await
+                .expect("a hub that stopped printing exits")
+                .expect("its status");
+            let _ = tokio::time::timeout(WAIT, stderr_done).await;
+            let stderr = stderr
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
+            return Err((status, format!("{}\n{stderr}", banner.join("\n"))));
+        };
         // The rest of its stdout finds a reader (a hub whose stdout is closed fails when it
         // prints that it stopped).
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        Self {
+        Ok(Self {
             child,
             addr,
             banner,
             stderr,
             stderr_done,
-        }
+        })
     }
 
     /// `ws://…/v1/ws`.
