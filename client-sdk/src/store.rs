@@ -32,8 +32,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
+use branchline_durable::{Closing, DurableDir};
 use branchline_protocol::{
     Codec, ErrorCode, Event, EventBody, Name, Position, ProductRecord, Publish, Rejected, Sku,
     StockLevel, UnixMillis, now_ms,
@@ -44,6 +46,15 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::update::Update;
+
+/// How long dropping a store waits for sled's closing flush: long enough for a healthy disk,
+/// bounded for one that cannot take it (a full disk would otherwise hang the app).
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// A failure of the store's files (a sync, a listing) as a store error.
+fn disk(e: std::io::Error) -> Error {
+    Error::Store(sled::Error::Io(e))
+}
 
 const META_ORDER: &[u8] = b"meta/order";
 const META_LOG: &[u8] = b"meta/log";
@@ -212,16 +223,17 @@ struct Inner {
 
 /// The local store. Cheap to share behind an `Arc`.
 pub(crate) struct Store {
-    db: sled::Db,
+    db: Closing<sled::Db>,
+    /// Makes sled's flushes durable (see [`Store::flush`]); `None` for a temporary store,
+    /// which does not outlive the process: only a store on disk needs sent marks flushed
+    /// before the sends leave.
+    durable_dir: Option<Arc<DurableDir>>,
     inner: Mutex<Inner>,
     log_capacity: u64,
     /// Whether `record` waits for the flush ([`ClientOptions::durable_publish`]).
     ///
     /// [`ClientOptions::durable_publish`]: crate::ClientOptions::durable_publish
     durable: bool,
-    /// Whether the store outlives the process (not a temporary one): only then do sent
-    /// marks need flushing before the sends leave.
-    on_disk: bool,
     /// Sent marks were written since the last [`Store::sync_sent`].
     sent_unsynced: AtomicBool,
 }
@@ -229,6 +241,8 @@ pub(crate) struct Store {
 impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path, log_capacity: u64, durable: bool) -> Result<Self> {
+        // What an interrupted snapshot left (a full disk) would stop sled from opening.
+        branchline_durable::prepare(path).map_err(disk)?;
         let db = sled::Config::new().path(path).open().map_err(|e| match e {
             // sled reports a held file lock as an `Other` I/O error with this text.
             sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
@@ -238,17 +252,24 @@ impl Store {
             }
             other => Error::Store(other),
         })?;
-        Self::from_db(db, log_capacity, durable, true)
+        db.flush()?;
+        let dir = DurableDir::open(path).map_err(disk)?;
+        Self::from_db(db, log_capacity, durable, Some(Arc::new(dir)))
     }
 
     /// A store that lives in a temporary directory and is deleted when dropped (dashboards,
     /// tests).
     pub fn temporary(log_capacity: u64) -> Result<Self> {
         let db = sled::Config::new().temporary(true).open()?;
-        Self::from_db(db, log_capacity, false, false)
+        Self::from_db(db, log_capacity, false, None)
     }
 
-    fn from_db(db: sled::Db, log_capacity: u64, durable: bool, on_disk: bool) -> Result<Self> {
+    fn from_db(
+        db: sled::Db,
+        log_capacity: u64,
+        durable: bool,
+        dir: Option<Arc<DurableDir>>,
+    ) -> Result<Self> {
         let mut outbox: BTreeMap<Name, BTreeMap<u64, PendingEvent>> = BTreeMap::new();
         let mut index = HashMap::new();
         for kv in db.scan_prefix(b"o/") {
@@ -278,7 +299,10 @@ impl Store {
         let log_len = db.scan_prefix(b"l/").count() as u64;
         let quarantined = db.scan_prefix(b"q/").count();
         Ok(Self {
-            db,
+            // A dropped client gives sled a moment to finish its last flush, but never hangs
+            // the app on a disk that cannot take it.
+            db: Closing::new(db, CLOSE_WAIT),
+            durable_dir: dir,
             inner: Mutex::new(Inner {
                 outbox,
                 index,
@@ -289,7 +313,6 @@ impl Store {
             }),
             log_capacity: log_capacity.max(1),
             durable,
-            on_disk,
             sent_unsynced: AtomicBool::new(false),
         })
     }
@@ -300,9 +323,18 @@ impl Store {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until every write so far is on disk.
+    /// Waits until every write so far is on stable storage, as a power cut would find it:
+    /// sled's flush, then `fdatasync` of what it wrote and `fsync` of directories it changed
+    /// (sled's flush alone ends in `sync_file_range`, which a power cut can undo). Concurrent
+    /// calls share the syncs.
     pub async fn flush(&self) -> Result<()> {
         self.db.flush_async().await?;
+        if let Some(dir) = self.durable_dir.clone() {
+            tokio::task::spawn_blocking(move || dir.sync())
+                .await
+                .map_err(|e| disk(std::io::Error::other(e)))?
+                .map_err(disk)?;
+        }
         Ok(())
     }
 
@@ -541,7 +573,7 @@ impl Store {
     /// mark. Cheap when nothing new was marked (a resend), and a no-op for a temporary
     /// store, whose outbox does not outlive the process anyway.
     pub async fn sync_sent(&self) -> Result<()> {
-        if self.sent_unsynced.swap(false, Ordering::SeqCst) && self.on_disk {
+        if self.sent_unsynced.swap(false, Ordering::SeqCst) && self.durable_dir.is_some() {
             if let Err(e) = self.flush().await {
                 self.sent_unsynced.store(true, Ordering::SeqCst);
                 return Err(e);
@@ -1140,7 +1172,7 @@ mod tests {
     fn a_view_of_a_branch_counts_each_event_once_while_events_are_applied() {
         // A reader laying pending events on the replica while the engine applies them must
         // never see an event in both parts or in neither.
-        let s = std::sync::Arc::new(Store::temporary(10_000).unwrap());
+        let s = Arc::new(Store::temporary(10_000).unwrap());
         s.apply_snapshot(&b(), Position::new(Epoch(7), 0), &[], &[])
             .unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1158,7 +1190,7 @@ mod tests {
             recorded.push(rt.block_on(s.record(&b(), body, None, None, 0)).unwrap());
         }
         let reader = {
-            let s = std::sync::Arc::clone(&s);
+            let s = Arc::clone(&s);
             std::thread::spawn(move || {
                 let mut reads = 0;
                 loop {
@@ -1239,11 +1271,11 @@ mod tests {
     /// Opens the store at `path` again, waiting (for a while) until sled's background
     /// flusher of the previous instance has let go of it.
     fn reopen(path: &Path) -> Store {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             match Store::open(path, 10, true) {
                 Err(Error::StoreLocked { .. }) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 other => return other.unwrap(),
             }

@@ -25,6 +25,10 @@
 //! [`prepare`] runs before sled opens a store: it removes what an interrupted snapshot left
 //! (`snap.*.generating`, which sled would otherwise read as the newest snapshot and refuse to
 //! open), and [`free_bytes`] tells how much room the store's filesystem has left.
+//!
+//! [`Closing`] holds a sled handle so that dropping it never hangs its caller: sled flushes
+//! when its last handle goes, and a flush that cannot finish (a full disk after a failed
+//! write) waits forever.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -228,6 +232,54 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
 
 fn with_path(e: &io::Error, dir: &Path, file: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", dir.join(file).display()))
+}
+
+/// A value (a sled handle) that is dropped on a thread of its own, waited for at most a set
+/// time: sled's drop flushes, and can wait forever on a disk that cannot take the flush.
+/// Whatever must be durable is flushed before the drop; the wait only gives a healthy disk
+/// the time to finish what was left.
+pub struct Closing<T: Send + 'static> {
+    value: Option<T>,
+    wait: Duration,
+}
+
+impl<T: Send + 'static> Closing<T> {
+    /// Holds `value`; its drop waits at most `wait` for it to be dropped.
+    pub fn new(value: T, wait: Duration) -> Self {
+        Self {
+            value: Some(value),
+            wait,
+        }
+    }
+}
+
+impl<T: Send + 'static> std::ops::Deref for Closing<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        match &self.value {
+            Some(value) => value,
+            None => unreachable!("the value is only taken when it is dropped"),
+        }
+    }
+}
+
+impl<T: Send + 'static> Drop for Closing<T> {
+    fn drop(&mut self) {
+        let Some(value) = self.value.take() else {
+            return;
+        };
+        let (done, closed) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("store-close".into())
+            .spawn(move || {
+                drop(value);
+                let _ = done.send(());
+            });
+        // Without a thread the value is leaked, open, rather than risk hanging here.
+        if thread.is_ok() {
+            let _ = closed.recv_timeout(self.wait);
+        }
+    }
 }
 
 /// Prepares `dir` for sled to open: removes the snapshot files an interrupted snapshot left

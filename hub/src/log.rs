@@ -38,8 +38,9 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use branchline_durable::DurableDir;
+use branchline_durable::{Closing, DurableDir};
 use branchline_protocol::{
     Codec, ConflictRecord, ConflictStatus, Epoch, IdError, Name, Sku, UnixMillis, now_ms,
 };
@@ -521,49 +522,21 @@ impl BranchRounds<'_> {
 }
 
 /// How long opening a store waits for a lock held by a hub stopping in this process.
-pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 
 /// The replay log in an embedded sled database.
 ///
 /// Every flush is sled's flush followed by [`DurableDir::sync`]: sled 0.34's own flush ends
 /// in `sync_file_range`, which survives a crash of the process but not a power cut (see the
 /// `branchline-durable` crate).
+///
+/// Dropping it does not wait for sled's own closing flush (see [`Closing`]): whoever writes
+/// flushes what must be kept (commits, the hub's last flush at shutdown, the offline tools).
 pub struct SledLog {
     db: Closing<sled::Db>,
     tree: Closing<sled::Tree>,
     durable: DurableDir,
     dir: PathBuf,
-}
-
-/// A sled handle that is dropped on a thread of its own.
-///
-/// sled flushes when its last handle is dropped, and a flush that cannot finish (a full disk
-/// after a failed write) waits forever: dropped in place, it would hang whichever thread let
-/// go of the store last, the process's main thread included. So dropping a [`SledLog`] does
-/// not wait for that flush, and the process may exit before it ends: whoever writes flushes
-/// what must be kept (commits, the hub's last flush at shutdown, the offline tools).
-struct Closing<T: Send + 'static>(Option<T>);
-
-impl<T: Send + 'static> std::ops::Deref for Closing<T> {
-    type Target = T;
-    fn deref(&self) -> &T {
-        match &self.0 {
-            Some(handle) => handle,
-            None => unreachable!("a store handle is only taken when the store is dropped"),
-        }
-    }
-}
-
-impl Drop for SledLog {
-    fn drop(&mut self) {
-        let (tree, db) = (self.tree.0.take(), self.db.0.take());
-        let closing = std::thread::Builder::new()
-            .name("branchline-store-close".into())
-            .spawn(move || drop((tree, db)));
-        if let Err(e) = closing {
-            tracing::error!(error = %e, "cannot start a thread to close the store; leaving it open");
-        }
-    }
 }
 
 impl SledLog {
@@ -594,7 +567,7 @@ impl SledLog {
                     if e.to_string().contains("could not acquire lock")
                         && std::time::Instant::now() < deadline =>
                 {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 other => break other?,
             }
@@ -609,8 +582,8 @@ impl SledLog {
         db.flush()?;
         let durable = DurableDir::open(dir)?;
         Ok(Self {
-            db: Closing(Some(db)),
-            tree: Closing(Some(tree)),
+            db: Closing::new(db, Duration::ZERO),
+            tree: Closing::new(tree, Duration::ZERO),
             durable,
             dir: dir.to_path_buf(),
         })
@@ -1051,8 +1024,8 @@ impl SledLog {
         batch.insert(key(FLOOR, branch, &[]), &head.to_be_bytes());
         self.tree.apply_batch(batch)?;
         self.trim(branch, head)?;
-        // Dropping the store does not flush (see [`Closing`]): what a tool wrote is made
-        // durable here.
+        // Dropping the store does not wait for sled's flush: what a tool wrote is made durable
+        // here.
         self.flush()?;
         Ok(Some((old, new)))
     }
