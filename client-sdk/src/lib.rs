@@ -88,14 +88,15 @@
 //! - `clock`: device-to-hub clock offset, used to stamp events.
 //!
 //! ## Data flow
-//! `publish` → outbox (sled, flushed) → task marks the entry sent (flushed) and sends
+//! `publish` → outbox (sled, synced) → task marks the entry sent (synced) and sends
 //! `publish` frames (or a batch push) → `accepted` marks the entry; the sequenced `event`
 //! arrives → applied to the replica by its `effect` and the position advanced, atomically →
 //! appended to the local log → [`Client::events`] streams yield it.
 //!
 //! ## Guarantees and limits
-//! - **Nothing lost**: `publish` returns after the outbox write is flushed to disk
-//!   ([`ClientOptions::durable_publish`]). Entries leave the outbox only when their event is
+//! - **Nothing lost**: `publish` returns after the outbox write is on stable storage —
+//!   sled's flush followed by `fdatasync` and directory syncs, so that a power cut cannot
+//!   take it back ([`ClientOptions::durable_publish`]). Entries leave the outbox only when their event is
 //!   in the replica (or, for branches not followed, when the hub accepted them). Publishing
 //!   to a branch the token allows but the client does not follow works over both
 //!   transports.

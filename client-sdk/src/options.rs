@@ -228,10 +228,11 @@ impl ClientOptions {
         self
     }
 
-    /// Whether [`Client::publish`] waits for the disk flush (fsync) before returning.
-    /// Default true: a returned publish survives a power cut. False returns after the
-    /// in-memory write, and sled flushes within 500 ms: faster, but a crash can lose the
-    /// last half second of sales.
+    /// Whether [`Client::publish`] waits until the event is on stable storage before
+    /// returning (sled's flush, then `fdatasync` and directory syncs: sled's flush alone does
+    /// not survive a power cut). Default true: a returned publish survives a crash and a
+    /// power cut. False returns after the in-memory write, and sled flushes within 500 ms:
+    /// faster, but a crash can lose the last half second of sales, and a power cut more.
     pub fn durable_publish(mut self, durable: bool) -> Self {
         self.durable_publish = durable;
         self

@@ -15,8 +15,10 @@
 //!   `device_seq`, state).
 //! - [`state`]: the stock ledger, the catalog and conflict policies.
 //! - [`dedup`]: the in-memory "certainly new" filter in front of the dedup index.
-//! - [`commit`]: the group committer: one atomic write and one flush for many appends.
-//! - [`log`]: the replay log behind the [`EventLog`](log::EventLog) engine boundary, in sled.
+//! - [`commit`]: the group committer: one atomic write and one sync for many appends.
+//! - [`log`]: the replay log behind the [`EventLog`](log::EventLog) engine boundary, in sled,
+//!   made durable by `branchline-durable` (fdatasync and directory syncs after sled's flush).
+//! - [`health`]: whether the store takes writes (not failed, free space above the floor).
 //! - [`snapshot`]: paged snapshots pinned to one seq.
 //! - [`auth`]: tokens. [`config`]: every setting. [`metrics`]: Prometheus metrics.
 //! - [`inspect`]: the `log inspect`, `log dump` and `log reset-epoch` tools.
@@ -25,8 +27,8 @@
 //! session (or HTTP push) → branch [`Writer`](branch) validates, deduplicates, checks
 //! `device_seq`, applies it to [`state`], assigns `seq` → [`commit`] writes the event, its
 //! dedup entry, device counter and state changes in one atomic batch with many others and
-//! flushes → the branch head moves → [`room`] offers the event's shared frame to every
-//! follower → the publisher gets `accepted`.
+//! syncs it to stable storage → the branch head moves → [`room`] offers the event's shared
+//! frame to every follower → the publisher gets `accepted`.
 
 pub mod auth;
 pub mod branch;

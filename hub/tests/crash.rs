@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use branchline_hub::protocol::*;
 use rand::{Rng, SeedableRng};
-use support::fleet::{Fleet, check_logs, in_flight_at_each_kill, token};
+use support::fleet::{DEVICES, Fleet, check_logs, in_flight_at_each_kill, token};
 use support::process::{HubProcess, SECRET};
 use support::*;
 
@@ -28,13 +28,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut hub = spawn_hub(&data).await;
-    let devices = [
-        ("b1", "till-1"),
-        ("b1", "till-2"),
-        ("b2", "till-3"),
-        ("b2", "till-4"),
-    ];
-    let fleet = Fleet::start(&hub.addr, &devices, TARGET);
+    let fleet = Fleet::start(&hub.addr, &DEVICES, TARGET);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(2024);
     for round in 0..4 {
@@ -55,7 +49,7 @@ async fn kill_9_at_random_moments_loses_no_acknowledged_event() {
     for log in &logs {
         assert_eq!(log.acked.len() as u64, TARGET);
     }
-    let heads = check_logs(&hub.addr, &["b1", "b2"], &logs).await;
+    let heads = check_logs(&hub, &["b1", "b2"], &logs).await;
     assert_eq!(heads, [2 * TARGET, 2 * TARGET]);
     hub.kill_9().await;
 }

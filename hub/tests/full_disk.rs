@@ -19,7 +19,7 @@ mod support;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use branchline_hub::protocol::http::{EventsPage, SnapshotPage};
+use branchline_hub::protocol::http::SnapshotPage;
 use branchline_hub::protocol::*;
 use branchline_powercut::PowerCutFs;
 use support::process::{HubProcess, SECRET, admin_of_all, cashier_of};
@@ -48,33 +48,6 @@ async fn get(hub: &HubProcess, path: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// Every event of b1, page by page from the start, as an admin reads them.
-async fn all_events(hub: &HubProcess) -> Vec<Event> {
-    let mut events = Vec::new();
-    let first: EventsPage = get(hub, "/v1/branches/acme/b1/events?after=0&limit=2")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let (epoch, mut page) = (first.epoch, first);
-    loop {
-        events.extend(page.events);
-        if !page.has_more {
-            return events;
-        }
-        let response = get(
-            hub,
-            &format!(
-                "/v1/branches/acme/b1/events?epoch={epoch}&after={}&limit=2",
-                page.next_after
-            ),
-        )
-        .await;
-        assert_eq!(response.status(), 200, "every page reads");
-        page = response.json().await.unwrap();
-    }
 }
 
 /// A metric of the hub process, 0 if it is not there yet.
@@ -130,7 +103,7 @@ async fn under_the_free_space_floor_writes_wait_and_reads_go_on() {
 
     let why = readyz(&hub, 503).await;
     assert!(why.contains("under the floor"), "{why}");
-    let events = all_events(&hub).await;
+    let events = hub.events("b1", 2).await;
     assert_contiguous(&events, 1, 4);
     let snapshot = get(&hub, "/v1/branches/acme/b1/snapshot").await;
     assert_eq!(snapshot.status(), 200, "snapshots go on");
@@ -186,7 +159,7 @@ async fn a_full_disk_loses_nothing_stops_in_time_and_the_store_opens_again() {
     let why = readyz(&hub, 503).await;
     assert!(why.contains("restart"), "{why}");
     // Every committed event reads, the newest page included.
-    let events = all_events(&hub).await;
+    let events = hub.events("b1", 2).await;
     assert_contiguous(&events, 1, 3);
     let rejected = metric(
         &hub,
@@ -223,7 +196,7 @@ async fn a_full_disk_loses_nothing_stops_in_time_and_the_store_opens_again() {
     // Room again: the store opens with everything acknowledged, and the device goes on.
     disk.set_capacity(None);
     let hub = spawn_hub(&data, "0").await;
-    assert_contiguous(&all_events(&hub).await, 1, 3);
+    assert_contiguous(&hub.events("b1", 2).await, 1, 3);
     let mut till = hub.till("till-1").await;
     let fourth = till.publish(publish("b1", 4, big(4))).await.unwrap();
     assert_eq!(fourth.seq, 4);

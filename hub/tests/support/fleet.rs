@@ -9,18 +9,25 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use branchline_hub::auth::Branches;
-use branchline_hub::protocol::http::EventsPage;
 use branchline_hub::protocol::*;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::process::mint;
+use super::process::{HubProcess, mint};
 use super::{assert_contiguous, name, publish, sale_of};
 
 /// Publishes a device keeps unanswered at most.
 const WINDOW: usize = 32;
+
+/// The fleet of the crash and power-loss tests: two tills on each of two branches.
+pub const DEVICES: [(&str, &str); 4] = [
+    ("b1", "till-1"),
+    ("b1", "till-2"),
+    ("b2", "till-3"),
+    ("b2", "till-4"),
+];
 
 /// A token of tenant `acme` for `device` on `branch` (`*`: every branch).
 pub fn token(branch: &str, device: &str, role: Role) -> String {
@@ -294,42 +301,18 @@ pub fn in_flight_at_each_kill(logs: &[DeviceLog], kills: usize) -> Vec<usize> {
 /// at the seq it was acknowledged with; exactly the published events are in it (the devices
 /// resend until everything is answered); the epoch never changed; and dedup still knows the
 /// first event of the first device. Returns each branch's head.
-pub async fn check_logs(addr: &str, branches: &[&str], logs: &[DeviceLog]) -> Vec<u64> {
-    let admin = token("*", "console", Role::Admin);
-    let client = reqwest::Client::new();
+pub async fn check_logs(hub: &HubProcess, branches: &[&str], logs: &[DeviceLog]) -> Vec<u64> {
     let mut by_id: HashMap<uuid::Uuid, u64> = HashMap::new();
     let mut epochs = HashSet::new();
     let mut heads = Vec::new();
     for branch in branches {
-        let mut after = 0;
-        let mut events = Vec::new();
-        let mut epoch = None;
-        loop {
-            let epoch_q = epoch.map_or(String::new(), |e: Epoch| format!("&epoch={e}"));
-            let page: EventsPage = client
-                .get(format!(
-                    "http://{addr}/v1/branches/acme/{branch}/events?after={after}&limit=5000{epoch_q}"
-                ))
-                .bearer_auth(&admin)
-                .send()
-                .await
-                .expect("the hub answers")
-                .json()
-                .await
-                .expect("a page of events");
-            epoch = Some(page.epoch);
-            after = page.next_after;
-            events.extend(page.events);
-            if !page.has_more {
-                break;
-            }
+        let events = hub.events(branch, 5_000).await;
+        if let Some(e) = events.first() {
+            epochs.insert(e.epoch);
         }
         let last = events.last().map_or(0, |e| e.seq);
         assert_contiguous(&events, 1, last);
         heads.push(last);
-        if let Some(epoch) = epoch {
-            epochs.insert(epoch);
-        }
         for e in &events {
             assert!(
                 by_id.insert(e.event_id, e.seq).is_none(),
@@ -364,7 +347,7 @@ pub async fn check_logs(addr: &str, branches: &[&str], logs: &[DeviceLog]) -> Ve
 
     // Dedup still knows events from before the deaths.
     let first = logs[0].first.clone().expect("the first device published");
-    let mut ws = super::connect_url(&format!("ws://{addr}/v1/ws"), Codec::MsgPack).await;
+    let mut ws = super::connect_url(&hub.ws_url(), Codec::MsgPack).await;
     let device = &logs[0].device;
     ws.hello(
         &token(first.branch.as_str(), device, Role::Cashier),

@@ -144,6 +144,34 @@ impl HubProcess {
             .expect("a branch status")
     }
 
+    /// Every event of branch `branch` of tenant `acme`, read page by page (of `page` events)
+    /// from the start as an admin; each page must be served.
+    pub async fn events(&self, branch: &str, page: usize) -> Vec<branchline_hub::protocol::Event> {
+        let client = reqwest::Client::new();
+        let (mut events, mut after, mut epoch) = (Vec::new(), 0, None);
+        loop {
+            let epoch_q = epoch.map_or(String::new(), |e| format!("&epoch={e}"));
+            let response = client
+                .get(format!(
+                    "{}/v1/branches/acme/{branch}/events?after={after}&limit={page}{epoch_q}",
+                    self.http_url()
+                ))
+                .bearer_auth(admin_of_all("console"))
+                .send()
+                .await
+                .expect("the hub answers");
+            assert_eq!(response.status(), 200, "every page is served");
+            let page: branchline_hub::protocol::http::EventsPage =
+                response.json().await.expect("a page of events");
+            epoch = Some(page.epoch);
+            after = page.next_after;
+            events.extend(page.events);
+            if !page.has_more {
+                return events;
+            }
+        }
+    }
+
     /// SIGKILL: no shutdown, no final flush.
     pub async fn kill_9(mut self) {
         self.child.kill().await.expect("the hub can be killed");

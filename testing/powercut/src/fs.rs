@@ -106,6 +106,13 @@ impl Fs {
     }
 }
 
+fn attr(result: Result<Attr, DiskError>, reply: ReplyAttr) {
+    match result {
+        Ok(a) => reply.attr(&TTL, &file_attr(a)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
 fn done(result: Result<(), DiskError>, reply: ReplyEmpty) {
     match result {
         Ok(()) => reply.ok(),
@@ -120,10 +127,7 @@ impl Filesystem for Fs {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.disk().attr(ino.0) {
-            Ok(a) => reply.attr(&TTL, &file_attr(a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        attr(self.disk().attr(ino.0), reply);
     }
 
     fn setattr(
@@ -154,10 +158,7 @@ impl Filesystem for Fs {
             }
             disk.attr(ino.0)
         })();
-        match result {
-            Ok(a) => reply.attr(&TTL, &file_attr(a)),
-            Err(e) => reply.error(errno(e)),
-        }
+        attr(result, reply);
     }
 
     fn mknod(

@@ -95,26 +95,44 @@ impl PowerCutFs {
             return Ok(());
         };
         // A killed program's files are closed by the kernel shortly after it dies; FUSE hears
-        // of it as `release`. Unmounting before that fails as busy.
+        // of it as `release`, and the kernel lets go of the mount a moment after that.
+        // Unmounting before then fails as busy: wait, and try again.
         let deadline = Instant::now() + CLOSE_WAIT;
-        while self.shared.open.load(Ordering::SeqCst) > 0 {
-            if Instant::now() > deadline {
-                self.session = Some(session);
-                return Err(io::Error::other(format!(
-                    "{} still has open files after {CLOSE_WAIT:?}",
-                    self.mountpoint.display()
-                )));
+        loop {
+            let unmounted = if self.shared.open.load(Ordering::SeqCst) > 0 {
+                Err(rustix::io::Errno::BUSY)
+            } else {
+                rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::empty())
+            };
+            match unmounted {
+                Ok(()) => break,
+                Err(rustix::io::Errno::BUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => {
+                    self.session = Some(session);
+                    return Err(io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!(
+                            "unmounting {} ({} files still open): {e}",
+                            self.mountpoint.display(),
+                            self.shared.open.load(Ordering::SeqCst)
+                        ),
+                    ));
+                }
             }
-            std::thread::sleep(Duration::from_millis(5));
         }
-        session.umount_and_join()
+        // Unmounted: the FUSE thread ends (fuser's own unmount, on drop, finds nothing to do).
+        session.join()
     }
 }
 
 impl Drop for PowerCutFs {
     fn drop(&mut self) {
-        // Whatever still holds files open, the mount must not outlive the test.
-        let _ = self.unmount();
+        // Whatever still holds files open, the mount must not outlive the test: detach it.
+        if self.unmount().is_err() {
+            let _ = rustix::mount::unmount(&self.mountpoint, rustix::mount::UnmountFlags::DETACH);
+        }
     }
 }
 
