@@ -308,6 +308,17 @@ pub fn prepare(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(removed)
 }
 
+/// The segment size an existing sled store in `dir` was made with, from its `conf` file
+/// (sled refuses to open a store with another), or `None` if there is no readable one.
+pub fn segment_size(dir: &Path) -> Option<usize> {
+    let conf = std::fs::read(dir.join("conf")).ok()?;
+    // `key: value` lines, then a checksum.
+    String::from_utf8_lossy(&conf)
+        .lines()
+        .find_map(|line| line.strip_prefix("segment_size: "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Bytes free for an unprivileged writer on the filesystem holding `path`.
 pub fn free_bytes(path: &Path) -> io::Result<u64> {
     let stat = rustix::fs::statvfs(path).map_err(|e| with_path(&e.into(), path, ""))?;

@@ -5,7 +5,7 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use branchline_durable::{DurableDir, prepare};
+use branchline_durable::{DurableDir, prepare, segment_size};
 
 #[test]
 fn an_interrupted_snapshot_no_longer_blocks_the_store() {
@@ -44,4 +44,19 @@ fn an_interrupted_snapshot_no_longer_blocks_the_store() {
 fn a_missing_store_is_nothing_to_prepare() {
     let dir = tempfile::tempdir().unwrap();
     assert!(prepare(&dir.path().join("absent")).unwrap().is_empty());
+}
+
+#[test]
+fn the_segment_size_of_a_store_is_read_from_its_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(segment_size(dir.path()), None, "no store yet");
+    let path = dir.path().join("store");
+    drop(
+        sled::Config::new()
+            .path(&path)
+            .segment_size(1 << 23)
+            .open()
+            .unwrap(),
+    );
+    assert_eq!(segment_size(&path), Some(1 << 23));
 }

@@ -104,11 +104,12 @@ async fn large_events_in_sled_blob_files_survive_power_cuts() {
     let big = |n: u64| {
         EventBody::Custom(Custom {
             custom_type: "test.big".into(),
-            data: serde_json::json!({ "n": n, "pad": "x".repeat(300 * 1024) }),
+            data: serde_json::json!({ "n": n, "pad": "x".repeat(600 * 1024) }),
         })
     };
     let mut acked = Vec::new();
     let mut device_seq = 1;
+    let mut blobs_seen = 0;
     for round in 0..6u64 {
         let mut till = connect_url(&hub.ws_url(), Codec::MsgPack).await;
         till.hello(&cashier_of("b1", "till-1"), "acme", "till-1", vec![])
@@ -122,6 +123,7 @@ async fn large_events_in_sled_blob_files_survive_power_cuts() {
             device_seq += 1;
         }
         drop(till);
+        blobs_seen += std::fs::read_dir(data.join("blobs")).unwrap().count();
         let how = if round % 2 == 0 {
             Cut::DropUnsynced
         } else {
@@ -130,6 +132,10 @@ async fn large_events_in_sled_blob_files_survive_power_cuts() {
         kill_and_cut(hub, &mut disk, how).await;
         hub = spawn_hub(&data).await;
     }
+    assert!(
+        blobs_seen > 0,
+        "sled wrote blob files, which this test is about"
+    );
     let till = cashier_of("b1", "till-1");
     let events = hub.events("b1", 100).await;
     assert_contiguous(&events, 1, acked.len() as u64);
@@ -139,7 +145,7 @@ async fn large_events_in_sled_blob_files_survive_power_cuts() {
             panic!("{event:?}")
         };
         assert_eq!(c.data["n"], *n, "the event at seq {seq} is whole");
-        assert_eq!(c.data["pad"].as_str().map(str::len), Some(300 * 1024));
+        assert_eq!(c.data["pad"].as_str().map(str::len), Some(600 * 1024));
     }
     // The device goes on where it was.
     let mut ws = connect_url(&hub.ws_url(), Codec::MsgPack).await;
