@@ -165,10 +165,7 @@ impl Shared {
 
     /// Measures the free space, so that writes stop before the disk is full.
     fn check_space(&self) {
-        match self.log.free_bytes() {
-            Ok(free) => self.health.note_free(free),
-            Err(e) => tracing::warn!(error = %e, "cannot measure the store's free space"),
-        }
+        self.health.measured(self.log.free_bytes());
     }
 }
 

@@ -49,6 +49,8 @@ pub struct StoreHealth {
     failed: AtomicBool,
     free: AtomicU64,
     floor: u64,
+    /// The last measure of the free space failed (said once, not at every commit).
+    unmeasured: AtomicBool,
 }
 
 impl StoreHealth {
@@ -58,6 +60,23 @@ impl StoreHealth {
             failed: AtomicBool::new(false),
             free: AtomicU64::new(u64::MAX),
             floor,
+            unmeasured: AtomicBool::new(false),
+        }
+    }
+
+    /// Records a measure of the free space (or why there is none: the floor then goes by the
+    /// last measure, and the failure is logged once until a measure succeeds again).
+    pub fn measured(&self, free: Result<u64, impl std::fmt::Display>) {
+        match free {
+            Ok(free) => {
+                self.note_free(free);
+                self.unmeasured.store(false, Ordering::Release);
+            }
+            Err(e) => {
+                if !self.unmeasured.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(error = %e, "cannot measure the store's free space");
+                }
+            }
         }
     }
 

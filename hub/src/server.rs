@@ -57,6 +57,13 @@ pub enum HubError {
     /// An I/O failure (starting the committer thread, binding).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// A store write or sync failed during the run: the hub stopped, but everything after
+    /// the failure was refused, and the disk needs a look before the next start.
+    #[error(
+        "a store write or sync failed during this run (see the log): nothing after it was \
+         acknowledged; check the disk before starting again"
+    )]
+    StoreFailed,
     /// The shutdown grace ran out with these parts of the hub still busy. Every acknowledged
     /// event is on disk (commits flush before they answer), but the final flush may not have
     /// run.
@@ -205,10 +212,7 @@ impl Hub {
 
     /// Measures the store's free space (writes stop under the floor, resume above it).
     fn check_space(&self) {
-        match self.log.free_bytes() {
-            Ok(free) => self.health.note_free(free),
-            Err(e) => tracing::warn!(error = %e, "cannot measure the store's free space"),
-        }
+        self.health.measured(self.log.free_bytes());
     }
 
     /// Records a new session of `device`; closes the device's oldest sessions past the limit.
@@ -364,6 +368,9 @@ impl Hub {
             }
         }
         if unfinished.is_empty() {
+            if self.health.failed() {
+                return Err(HubError::StoreFailed);
+            }
             Ok(())
         } else {
             Err(HubError::Unfinished {

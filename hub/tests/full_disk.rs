@@ -5,7 +5,8 @@
 //!   themselves once there is room; reads, snapshots and duplicates go on.
 //! - With the floor off, a write that meets `ENOSPC` acknowledges nothing and stops writes
 //!   until a restart; every committed event stays readable, the newest page included; a
-//!   SIGTERM ends the process within the shutdown grace; a start while the disk is still full
+//!   SIGTERM ends the process within the shutdown grace, with an exit status that says the
+//!   store failed; a start while the disk is still full
 //!   fails with a clear message and leaves nothing that blocks the next start; once there is
 //!   room, the store opens with every acknowledged event.
 //! - The metrics count what was answered: `accepted` only what was acknowledged, rejections
@@ -175,11 +176,15 @@ async fn a_full_disk_loses_nothing_stops_in_time_and_the_store_opens_again() {
 
     // SIGTERM: the process ends within the grace (3 s) whatever the disk does.
     let asked = Instant::now();
-    let (_, stderr) = hub.terminate().await;
+    let (status, stderr) = hub.terminate().await;
     let took = asked.elapsed();
     assert!(
         took < Duration::from_secs(5),
         "stopped after {took:?}: {stderr}"
+    );
+    assert!(
+        !status.success() && stderr.contains("check the disk"),
+        "a run whose store failed does not end as if all was well: {status} {stderr}"
     );
 
     // A start while the disk is still full fails, saying where and why.
