@@ -1,97 +1,37 @@
 //! Tokens: HS256 JWTs binding tenant, branches, device and role (PROTOCOL.md §3).
 
-use std::time::Duration;
-
 use branchline_protocol::{ErrorCode, Name, Role};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The branches a token allows.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Branches {
-    /// Every branch of the tenant (`"*"`); admins only.
-    All,
-    /// These branches.
-    List(Vec<Name>),
-}
+pub use branchline_protocol::{Claims, TokenBranches};
 
-impl Serialize for Branches {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Branches::All => s.serialize_str("*"),
-            Branches::List(list) => list.serialize(s),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Branches {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Wire {
-            Star(String),
-            List(Vec<Name>),
-        }
-        match Wire::deserialize(d)? {
-            Wire::Star(s) if s == "*" => Ok(Branches::All),
-            Wire::Star(s) => Err(serde::de::Error::custom(format!(
-                "branches must be a list or \"*\", not {s:?}"
-            ))),
-            Wire::List(list) => Ok(Branches::List(list)),
-        }
-    }
-}
-
-/// The claims of a Branchline token.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Claims {
-    /// The tenant.
-    pub tenant: Name,
-    /// The branches the holder may use.
-    pub branches: Branches,
-    /// The device the token is for.
-    pub device: Name,
-    /// What the holder may do.
-    pub role: Role,
-    /// Expiry, Unix seconds.
-    pub exp: u64,
-    /// Issue time, Unix seconds.
-    pub iat: u64,
-}
-
-impl Claims {
-    /// Claims valid from now for `ttl`.
-    pub fn new(tenant: Name, branches: Branches, device: Name, role: Role, ttl: Duration) -> Self {
-        let now = unix_now();
-        Self {
-            tenant,
-            branches,
-            device,
-            role,
-            exp: now + ttl.as_secs(),
-            iat: now,
-        }
-    }
-
+/// What a token allows, in the hub's terms.
+pub trait Access {
     /// Whether the holder may use `branch` of `tenant`.
-    pub fn check_branch(&self, tenant: &Name, branch: &Name) -> Result<(), AuthError> {
+    fn check_branch(&self, tenant: &Name, branch: &Name) -> Result<(), AuthError>;
+
+    /// Whether the holder is an admin.
+    fn require_admin(&self) -> Result<(), AuthError>;
+}
+
+impl Access for Claims {
+    fn check_branch(&self, tenant: &Name, branch: &Name) -> Result<(), AuthError> {
         if tenant != &self.tenant {
             return Err(AuthError::Forbidden(format!(
                 "the token is for tenant {}, not {tenant}",
                 self.tenant
             )));
         }
-        match &self.branches {
-            Branches::All => Ok(()),
-            Branches::List(list) if list.contains(branch) => Ok(()),
-            Branches::List(_) => Err(AuthError::Forbidden(format!(
+        if self.branches.allows(branch) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(format!(
                 "the token does not allow branch {branch}"
-            ))),
+            )))
         }
     }
 
-    /// Whether the holder is an admin.
-    pub fn require_admin(&self) -> Result<(), AuthError> {
+    fn require_admin(&self) -> Result<(), AuthError> {
         match self.role {
             Role::Admin => Ok(()),
             Role::Cashier => Err(AuthError::Forbidden("this needs an admin token".into())),
@@ -170,7 +110,7 @@ impl TokenKeys {
                 claims.device
             )));
         }
-        if claims.role == Role::Cashier && claims.branches == Branches::All {
+        if claims.role == Role::Cashier && claims.branches == TokenBranches::All {
             return Err(AuthError::Unauthorized(
                 "a cashier token must list its branches".into(),
             ));
@@ -179,14 +119,10 @@ impl TokenKeys {
     }
 }
 
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn name(s: &str) -> Name {
@@ -196,7 +132,7 @@ mod tests {
     fn cashier() -> Claims {
         Claims::new(
             name("acme"),
-            Branches::List(vec![name("b1")]),
+            TokenBranches::List(vec![name("b1")]),
             name("till-1"),
             Role::Cashier,
             Duration::from_secs(3600),
@@ -252,7 +188,7 @@ mod tests {
     fn star_branches_are_for_admins_only() {
         let keys = TokenKeys::new(b"0123456789abcdef0123456789abcdef");
         let mut c = cashier();
-        c.branches = Branches::All;
+        c.branches = TokenBranches::All;
         let token = keys.mint(&c).unwrap();
         assert_eq!(
             keys.verify(&token).unwrap_err().code(),

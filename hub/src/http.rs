@@ -36,7 +36,7 @@ use serde::Deserialize;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use uuid::Uuid;
 
-use crate::auth::Claims;
+use crate::auth::{Access, Claims};
 use crate::branch::{BranchHandle, writer_gone};
 use crate::config::Limits;
 use crate::log::BranchKey;

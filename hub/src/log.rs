@@ -35,72 +35,41 @@
 //! every client resyncs from a snapshot instead of silently holding events that are gone.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use branchline_durable::{Closing, DurableDir};
 use branchline_protocol::{
-    Codec, ConflictRecord, ConflictStatus, Epoch, IdError, Name, Sku, UnixMillis, now_ms,
+    Codec, ConflictRecord, ConflictStatus, Epoch, Name, Sku, UnixMillis, now_ms,
 };
 use bytes::Bytes;
 use uuid::Uuid;
 
 use crate::state::ProductState;
 
-/// A branch of a tenant: the unit of sequencing, storage and fan-out.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BranchKey {
-    /// The tenant.
-    pub tenant: Name,
-    /// The branch.
-    pub branch: Name,
+pub use branchline_protocol::BranchKey;
+
+/// `tenant \0 branch \0`, a branch's part of every key: names never hold a NUL, so this is
+/// prefix-free.
+fn encode_branch(branch: &BranchKey) -> Vec<u8> {
+    let mut out =
+        Vec::with_capacity(branch.tenant.as_str().len() + branch.branch.as_str().len() + 2);
+    out.extend_from_slice(branch.tenant.as_str().as_bytes());
+    out.push(0);
+    out.extend_from_slice(branch.branch.as_str().as_bytes());
+    out.push(0);
+    out
 }
 
-impl BranchKey {
-    /// The branch `branch` of `tenant`.
-    pub fn new(tenant: Name, branch: Name) -> Self {
-        Self { tenant, branch }
-    }
-
-    /// Parses `tenant/branch`.
-    pub fn parse(s: &str) -> Result<Self, IdError> {
-        let (tenant, branch) = s.split_once('/').ok_or(IdError::Empty { what: "branch" })?;
-        Ok(Self::new(Name::new(tenant)?, Name::new(branch)?))
-    }
-
-    /// `tenant \0 branch \0`: names never hold a NUL, so this is prefix-free.
-    fn encode(&self) -> Vec<u8> {
-        let mut out =
-            Vec::with_capacity(self.tenant.as_str().len() + self.branch.as_str().len() + 2);
-        out.extend_from_slice(self.tenant.as_str().as_bytes());
-        out.push(0);
-        out.extend_from_slice(self.branch.as_str().as_bytes());
-        out.push(0);
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<(Self, &[u8])> {
-        let t = bytes.iter().position(|&b| b == 0)?;
-        let rest = &bytes[t + 1..];
-        let b = rest.iter().position(|&b| b == 0)?;
-        let tenant = Name::new(std::str::from_utf8(&bytes[..t]).ok()?).ok()?;
-        let branch = Name::new(std::str::from_utf8(&rest[..b]).ok()?).ok()?;
-        Some((Self::new(tenant, branch), &rest[b + 1..]))
-    }
-}
-
-impl fmt::Display for BranchKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.tenant, self.branch)
-    }
-}
-
-impl fmt::Debug for BranchKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "BranchKey({self})")
-    }
+/// The branch a key part names, and what follows it.
+fn decode_branch(bytes: &[u8]) -> Option<(BranchKey, &[u8])> {
+    let t = bytes.iter().position(|&b| b == 0)?;
+    let rest = &bytes[t + 1..];
+    let b = rest.iter().position(|&b| b == 0)?;
+    let tenant = Name::new(std::str::from_utf8(&bytes[..t]).ok()?).ok()?;
+    let branch = Name::new(std::str::from_utf8(&rest[..b]).ok()?).ok()?;
+    Some((BranchKey::new(tenant, branch), &rest[b + 1..]))
 }
 
 /// A stored event: its seq, when it was sequenced, and its MessagePack encoding.
@@ -361,7 +330,7 @@ fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
         1 + branch.tenant.as_str().len() + branch.branch.as_str().len() + 2 + suffix.len(),
     );
     k.push(tag);
-    k.extend_from_slice(&branch.encode());
+    k.extend_from_slice(&encode_branch(branch));
     k.extend_from_slice(suffix);
     k
 }
@@ -856,7 +825,7 @@ impl EventLog for SledLog {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix([META]) {
             let (k, _) = kv?;
-            if let Some((branch, _)) = BranchKey::decode(&k[1..]) {
+            if let Some((branch, _)) = decode_branch(&k[1..]) {
                 out.push(branch);
             }
         }
@@ -1055,9 +1024,9 @@ mod tests {
     fn branch_keys_are_prefix_free_and_round_trip() {
         let a = branch("acme", "b1");
         let b = branch("acme", "b10");
-        assert!(!b.encode().starts_with(&a.encode()));
-        let encoded = a.encode();
-        let (decoded, rest) = BranchKey::decode(&encoded).unwrap();
+        assert!(!encode_branch(&b).starts_with(&encode_branch(&a)));
+        let encoded = encode_branch(&a);
+        let (decoded, rest) = decode_branch(&encoded).unwrap();
         assert_eq!(decoded, a);
         assert!(rest.is_empty());
         assert_eq!(BranchKey::parse("acme/b1").unwrap(), a);

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::auth::{Claims, TokenBranches, TokenKeys};
 use branchline_hub::config::{ByteSize, Config, FsyncMode};
 use branchline_hub::inspect;
 use branchline_hub::log::BranchKey;
@@ -311,16 +311,16 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args),
         Command::Token(args) => {
             let branches = if args.branches.iter().any(|b| b == "*") {
-                Branches::All
+                TokenBranches::All
             } else {
-                Branches::List(
+                TokenBranches::List(
                     args.branches
                         .iter()
                         .map(|b| Name::new(b.as_str()))
                         .collect::<Result<_, _>>()?,
                 )
             };
-            if branches == Branches::All && args.role == Role::Cashier {
+            if branches == TokenBranches::All && args.role == Role::Cashier {
                 bail!("a cashier token must list its branches");
             }
             let claims = Claims::new(args.tenant, branches, args.device, args.role, args.ttl);
@@ -459,14 +459,14 @@ fn print_dev_tokens(config: &Config, addr: SocketAddr) -> anyhow::Result<()> {
     let ttl = Duration::from_secs(24 * 3600);
     let cashier = Claims::new(
         Name::new("demo")?,
-        Branches::List(vec![Name::new("main")?]),
+        TokenBranches::List(vec![Name::new("main")?]),
         Name::new("till-1")?,
         Role::Cashier,
         ttl,
     );
     let admin = Claims::new(
         Name::new("demo")?,
-        Branches::All,
+        TokenBranches::All,
         Name::new("admin-console")?,
         Role::Admin,
         ttl,

@@ -33,7 +33,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use crate::auth::Claims;
+use crate::auth::{Access, Claims};
 use crate::branch::{BranchHandle, BranchShared, writer_gone};
 use crate::log::BranchKey;
 use crate::room::{FRAME_EVENT_BYTES, Member, Outbound, SessionCtl, events_message};

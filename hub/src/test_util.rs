@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use branchline_protocol::{ConflictRecord, ConflictStatus, UnixMillis};
 use uuid::Uuid;
 
-use crate::auth::{Branches, Claims};
+use crate::auth::{Claims, TokenBranches};
 use crate::config::Config;
 use crate::log::{
     BranchKey, DedupEntry, EventLog, LoadedBranch, Op, SledLog, StoreError, StoredEvent,
@@ -164,9 +164,9 @@ impl TestHub {
     /// valid for an hour.
     pub fn token(&self, tenant: &str, branches: &[&str], device: &str, role: Role) -> String {
         let branches = if branches == ["*"] {
-            Branches::All
+            TokenBranches::All
         } else {
-            Branches::List(
+            TokenBranches::List(
                 branches
                     .iter()
                     .map(|b| Name::new(*b).expect("a valid branch name"))

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use branchline_hub::auth::{Branches, Claims};
+use branchline_hub::auth::{Claims, TokenBranches};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
 use futures::{SinkExt, StreamExt};
@@ -103,7 +103,7 @@ async fn unknown_versions_and_bad_tokens_are_refused_with_their_codes() {
     let foreign = branchline_hub::auth::TokenKeys::new(b"some-other-hub-secret-0123456789")
         .mint(&Claims::new(
             name("acme"),
-            Branches::List(vec![name("b1")]),
+            TokenBranches::List(vec![name("b1")]),
             name("till-1"),
             Role::Cashier,
             Duration::from_secs(60),
@@ -115,7 +115,7 @@ async fn unknown_versions_and_bad_tokens_are_refused_with_their_codes() {
 
     let mut expired = Claims::new(
         name("acme"),
-        Branches::List(vec![name("b1")]),
+        TokenBranches::List(vec![name("b1")]),
         name("till-1"),
         Role::Cashier,
         Duration::ZERO,

@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::auth::{Claims, TokenBranches, TokenKeys};
 use branchline_protocol::{Name, Role};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -78,8 +78,8 @@ impl Target {
         role: Role,
     ) -> anyhow::Result<String> {
         let branches = match branches {
-            Some(list) => Branches::List(list.to_vec()),
-            None => Branches::All,
+            Some(list) => TokenBranches::List(list.to_vec()),
+            None => TokenBranches::All,
         };
         let claims = Claims::new(
             self.tenant.clone(),

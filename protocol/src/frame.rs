@@ -365,6 +365,30 @@ pub struct Rejected {
     pub conflict: Option<Box<ConflictDetail>>,
 }
 
+impl Rejected {
+    /// A refusal of the publish `event_id` on `branch`, with no further detail.
+    pub fn of(event_id: Uuid, branch: Name, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            event_id: Some(event_id),
+            branch: Some(branch),
+            ..Self::bare(code, message)
+        }
+    }
+
+    /// A refusal of a publish too unreadable to name its event or branch (or of something
+    /// that is not a publish, such as a resolution).
+    pub fn bare(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            event_id: None,
+            branch: None,
+            code,
+            message: message.into(),
+            expected_device_seq: None,
+            conflict: None,
+        }
+    }
+}
+
 /// `resync_required`: the branch cannot be resumed from the client's position.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ResyncRequired {

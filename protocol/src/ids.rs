@@ -78,6 +78,40 @@ impl Name {
     }
 }
 
+/// A branch of a tenant: the unit of sequencing, storage and fan-out, written `tenant/branch`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BranchKey {
+    /// The tenant.
+    pub tenant: Name,
+    /// The branch.
+    pub branch: Name,
+}
+
+impl BranchKey {
+    /// The branch `branch` of `tenant`.
+    pub fn new(tenant: Name, branch: Name) -> Self {
+        Self { tenant, branch }
+    }
+
+    /// Parses `tenant/branch`.
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let (tenant, branch) = s.split_once('/').ok_or(IdError::Empty { what: "branch" })?;
+        Ok(Self::new(Name::new(tenant)?, Name::new(branch)?))
+    }
+}
+
+impl fmt::Display for BranchKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.tenant, self.branch)
+    }
+}
+
+impl fmt::Debug for BranchKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BranchKey({self})")
+    }
+}
+
 /// A stock-keeping unit code: 1 to 64 bytes of UTF-8 without control characters. Shared like
 /// [`Name`].
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -11,7 +11,9 @@
 //!   [`Effect`], conflicts, devices.
 //! - [`frame`]: WebSocket frames, [`ClientFrame`] (hello, publish…) and [`ServerFrame`]
 //!   (welcome, event, accepted…).
-//! - [`http`]: bodies of the HTTP sync API (events page, batch push, snapshot…).
+//! - [`http`]: bodies of the HTTP sync API (events page, batch push, snapshot…), and
+//!   [`routes`]: its paths.
+//! - [`token`]: what a token's [`Claims`] say (tenant, branches, device, role).
 //! - [`error`]: stable [`ErrorCode`]s, WebSocket [`CloseCode`]s, [`DecodeError`].
 //! - [`codec`]: [`Codec`], MessagePack (default) or JSON over one API, encoding once into
 //!   shareable `Bytes`.
@@ -39,6 +41,8 @@ pub mod frame;
 pub mod http;
 pub mod ids;
 pub mod model;
+pub mod routes;
+pub mod token;
 
 pub use codec::Codec;
 pub use error::{CloseCode, DecodeError, EncodeError, ErrorCode};
@@ -52,11 +56,12 @@ pub use frame::{
     Hello, ListDevices, Ping, Pong, Presence, PresenceChange, Publish, Rejected, ResyncReason,
     ResyncRequired, ServerFrame, StartMode, Subscription, Unsubscribe, Welcome,
 };
-pub use ids::{Epoch, IdError, Name, Position, Sku, UnixMillis, now_ms};
+pub use ids::{BranchKey, Epoch, IdError, Name, Position, Sku, UnixMillis, now_ms};
 pub use model::{
     ConflictDetail, ConflictNote, ConflictOutcome, ConflictPolicy, ConflictRecord, ConflictStatus,
     DeviceInfo, Effect, ProductRecord, Role, StockLevel,
 };
+pub use token::{Claims, ClaimsError, TokenBranches};
 
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use branchline_hub::auth::Branches;
+use branchline_hub::auth::TokenBranches;
 use branchline_hub::protocol::*;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::watch;
@@ -32,9 +32,9 @@ pub const DEVICES: [(&str, &str); 4] = [
 /// A token of tenant `acme` for `device` on `branch` (`*`: every branch).
 pub fn token(branch: &str, device: &str, role: Role) -> String {
     let branches = if branch == "*" {
-        Branches::All
+        TokenBranches::All
     } else {
-        Branches::List(vec![name(branch)])
+        TokenBranches::List(vec![name(branch)])
     };
     mint(branches, device, role)
 }

@@ -6,7 +6,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use branchline_hub::auth::{Branches, Claims, TokenKeys};
+use branchline_hub::auth::{Claims, TokenBranches, TokenKeys};
 use branchline_hub::protocol::Role;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -202,7 +202,7 @@ impl HubProcess {
 }
 
 /// A token of tenant `acme` signed with [`SECRET`], valid for an hour.
-pub fn mint(branches: Branches, device: &str, role: Role) -> String {
+pub fn mint(branches: TokenBranches, device: &str, role: Role) -> String {
     let claims = Claims::new(
         name("acme"),
         branches,
@@ -217,10 +217,14 @@ pub fn mint(branches: Branches, device: &str, role: Role) -> String {
 
 /// A cashier token for `device` on `branch` of tenant `acme`.
 pub fn cashier_of(branch: &str, device: &str) -> String {
-    mint(Branches::List(vec![name(branch)]), device, Role::Cashier)
+    mint(
+        TokenBranches::List(vec![name(branch)]),
+        device,
+        Role::Cashier,
+    )
 }
 
 /// An admin token for every branch of tenant `acme`.
 pub fn admin_of_all(device: &str) -> String {
-    mint(Branches::All, device, Role::Admin)
+    mint(TokenBranches::All, device, Role::Admin)
 }
