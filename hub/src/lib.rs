@@ -5,49 +5,44 @@
 //! order to every follower of the branch.
 //!
 //! ## Map
-//! - [`server`]: the accept loop, connection limits, the shared [`Hub`] and graceful shutdown
-//!   ([`run`] is the entry point).
-//! - [`http`]: routes of the HTTP sync API, the WebSocket upgrade, health and metrics.
-//! - [`session`]: one WebSocket connection: hello, subscriptions, publishes, delivery and
-//!   catch-up.
-//! - [`room`]: the live sessions of each branch and fan-out of committed events.
-//! - [`branch`]: a branch's shared handle and its single writer (sequencing, dedup,
-//!   `device_seq`, state).
-//! - [`state`]: the stock ledger, the catalog and conflict policies.
-//! - [`dedup`]: the in-memory "certainly new" filter in front of the dedup index.
-//! - [`commit`]: the group committer: one atomic write and one sync for many appends.
-//! - [`log`]: the replay log behind the [`EventLog`](log::EventLog) engine boundary, in sled,
-//!   made durable by `branchline-durable` (fdatasync and directory syncs after sled's flush).
-//! - [`health`]: whether the store takes writes (not failed, free space above the floor).
-//! - [`snapshot`]: paged snapshots pinned to one seq.
+//! - [`server`]: the accept loop, connection limits and shutdown ([`run`] is the entry
+//!   point); [`hub`]: the [`Hub`] its parts share, and the engine's feed into it.
+//! - [`ws`]: WebSocket sessions: hello, subscriptions, publishes, delivery and catch-up, and
+//!   the rooms that fan events out.
+//! - [`http`]: the HTTP sync API (events, push, snapshots, admin) and the operations
+//!   endpoints.
+//! - [`branch`]: one handle per branch, the methods sessions and HTTP share (publish,
+//!   resume, read, status, devices, conflicts, resolve, snapshot), and presence.
+//! - [`engine`]: the boundary to what stores and sequences logs, shaped like a broker;
+//!   [`engine::sled`] is the embedded engine (single writer per branch, group commit, the
+//!   sled store made durable), [`engine::sequence`] the rules every engine applies.
+//! - [`state`]: the stock ledger, the catalog and its conflict policies (pure).
+//! - [`ops`]: upkeep while running, and the `log inspect|dump|reset-epoch` tools.
 //! - [`auth`]: tokens. [`config`]: every setting. [`metrics`]: Prometheus metrics.
-//! - [`inspect`]: the `log inspect`, `log dump` and `log reset-epoch` tools.
 //!
 //! ## How a publish flows
-//! session (or HTTP push) → branch [`Writer`](branch) validates, deduplicates, checks
-//! `device_seq`, applies it to [`state`], assigns `seq` → [`commit`] writes the event, its
-//! dedup entry, device counter and state changes in one atomic batch with many others and
-//! syncs it to stable storage → the branch head moves → [`room`] offers the event's shared
-//! frame to every follower → the publisher gets `accepted`.
+//! [`ws`] session (or [`http`] push) → [`branch::Branch::publish`] → the engine's writer of
+//! the branch runs it through the [`engine::sequence::Sequencer`] (validation, dedup,
+//! `device_seq`, [`state`], `seq`) → the group committer writes the event, its dedup entry,
+//! device counter and state changes in one atomic batch with many others and syncs it to
+//! stable storage → the feed ([`hub::HubFeed`]) moves the branch head and offers the events'
+//! shared frame to every follower in the [`ws::room`] → the publisher gets `accepted`.
 
 pub mod auth;
 pub mod branch;
-pub mod commit;
 pub mod config;
-pub mod dedup;
-pub mod health;
+pub mod engine;
 pub mod http;
-pub mod inspect;
-pub mod log;
+pub mod hub;
 pub mod metrics;
-pub mod room;
+pub mod ops;
 pub mod server;
-pub mod session;
-pub mod snapshot;
 pub mod state;
 #[cfg(feature = "test-util")]
 pub mod test_util;
+pub mod ws;
 
 pub use branchline_protocol as protocol;
 pub use config::Config;
-pub use server::{Hub, HubError, run};
+pub use hub::{Hub, HubError};
+pub use server::run;

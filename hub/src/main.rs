@@ -10,12 +10,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use branchline_hub::Hub;
 use branchline_hub::auth::{Claims, TokenBranches, TokenKeys};
 use branchline_hub::config::{ByteSize, Config, FsyncMode};
-use branchline_hub::inspect;
-use branchline_hub::log::BranchKey;
+use branchline_hub::ops::inspect;
+use branchline_hub::protocol::BranchKey;
 use branchline_hub::protocol::{ConflictPolicy, Name, Role};
-use branchline_hub::server::Hub;
 use clap::{Args, Parser, Subcommand};
 
 // The hub allocates per event on every thread (frames, batches, sled's nodes); glibc's malloc

@@ -26,10 +26,11 @@ use uuid::Uuid;
 
 use crate::auth::{Claims, TokenBranches};
 use crate::config::Config;
-use crate::log::{
-    BranchKey, DedupEntry, EventLog, LoadedBranch, Op, SledLog, StoreError, StoredEvent,
-};
-use crate::server::Hub;
+use crate::engine::sled::log::{DedupEntry, LoadedBranch, Op};
+use crate::engine::sled::{EventLog, SledEngine, SledLog, StoreError};
+use crate::engine::{Engine, StoredEvent};
+use crate::hub::{Hub, HubError};
+use branchline_protocol::BranchKey;
 
 /// The store argument of a launch that opens the plain store itself.
 type NoStore = fn(&Config) -> Arc<dyn EventLog>;
@@ -41,9 +42,10 @@ pub const TEST_SECRET: &str = "branchline-test-secret-0123456789abcdef";
 /// on a multi-threaded runtime waits (up to [`DROP_WAIT`]) until the stop has finished.
 pub struct TestHub {
     hub: Arc<Hub>,
+    store: Arc<dyn EventLog>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<Result<(), crate::HubError>>>,
+    task: Option<JoinHandle<Result<(), HubError>>>,
     /// Told when the hub's serve task ended (its stop finished, or it was cancelled).
     ended: std::sync::mpsc::Receiver<()>,
     dir: Arc<tempfile::TempDir>,
@@ -100,14 +102,23 @@ impl TestHub {
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("a local address");
-        let hub = match store {
-            Some(store) => {
-                std::fs::create_dir_all(&config.data_dir).expect("the store directory");
-                let log = store(&config);
-                Hub::with_log(config.clone(), TEST_SECRET, log)
-            }
-            None => Hub::open(config.clone()),
-        }
+        std::fs::create_dir_all(&config.data_dir).expect("the store directory");
+        let log = match store {
+            Some(store) => store(&config),
+            None => Arc::new(
+                SledLog::open(&config.data_dir, config.store_cache_bytes).expect("the store opens"),
+            ),
+        };
+        let (engine_log, engine_config) = (log.clone(), config.clone());
+        let hub = Hub::with_engine(
+            config.clone(),
+            Box::new(move |feed, metrics| {
+                let dir = engine_config.data_dir.clone();
+                let engine = SledEngine::with_log(engine_log, &engine_config, feed, metrics)
+                    .map_err(|source| HubError::Open { dir, source })?;
+                Ok(Arc::new(engine) as Arc<dyn Engine>)
+            }),
+        )
         .expect("the test hub starts");
         let (stop, stopped) = oneshot::channel::<()>();
         let (end, ended) = std::sync::mpsc::channel();
@@ -121,6 +132,7 @@ impl TestHub {
         });
         Self {
             hub,
+            store: log,
             addr,
             stop: Some(stop),
             task: Some(task),
@@ -160,6 +172,11 @@ impl TestHub {
         &self.hub
     }
 
+    /// The hub's store, as its engine writes it (for tests of what is stored).
+    pub fn store(&self) -> &Arc<dyn EventLog> {
+        &self.store
+    }
+
     /// A token for `device` with `role` on `branches` of `tenant` (`["*"]` for every branch),
     /// valid for an hour.
     pub fn token(&self, tenant: &str, branches: &[&str], device: &str, role: Role) -> String {
@@ -180,7 +197,7 @@ impl TestHub {
             role,
             Duration::from_secs(3600),
         );
-        self.hub.keys.mint(&claims).expect("tokens sign")
+        self.hub.keys().mint(&claims).expect("tokens sign")
     }
 
     /// Runs one retention pass now (dedup expiry included).
@@ -208,7 +225,7 @@ impl TestHub {
         if let Some(task) = self.task.take() {
             match task.await {
                 // A test that makes the store fail expects to hear of it at the stop.
-                Ok(Err(crate::HubError::StoreFailed)) => {}
+                Ok(Err(HubError::StoreFailed)) => {}
                 Ok(Err(e)) => panic!("the test hub did not stop cleanly: {e}"),
                 _ => {}
             }

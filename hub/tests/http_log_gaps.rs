@@ -9,7 +9,7 @@ mod support;
 
 use std::sync::{Arc, Mutex};
 
-use branchline_hub::log::{BranchKey, EventLog, SledLog, StoreError};
+use branchline_hub::engine::sled::{EventLog, SledLog, StoreError};
 use branchline_hub::protocol::http::{EventsPage, Problem};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::{StoreHooks, TestHub};

@@ -10,7 +10,6 @@ mod support;
 use std::path::Path;
 use std::time::Duration;
 
-use branchline_hub::log::BranchKey;
 use branchline_hub::protocol::http::{BranchStatus, EventsPage, Problem, PushResult};
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
@@ -58,8 +57,7 @@ fn b1() -> BranchKey {
 
 /// The seqs of the events the store still holds for acme/b1, whatever the floor says.
 fn stored_seqs(hub: &TestHub) -> Vec<u64> {
-    hub.hub()
-        .log
+    hub.store()
         .read_events(&b1(), 0, 10_000, 10_000)
         .unwrap()
         .iter()

@@ -69,7 +69,7 @@ async fn a_stalled_reader_stays_bounded_delays_no_one_and_resumes_gap_free() {
     // to catch-up from the log instead of growing.
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watch = {
-        let (rooms, done) = (hub.hub().rooms.clone(), done.clone());
+        let (rooms, done) = (hub.hub().rooms().clone(), done.clone());
         tokio::spawn(async move {
             let mut max = 0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {

@@ -10,7 +10,7 @@ mod support;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use branchline_hub::log::StoreError;
+use branchline_hub::engine::sled::StoreError;
 use branchline_hub::protocol::http::EventsPage;
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::{StoreHooks, TestHub};
@@ -31,9 +31,9 @@ enum Fault {
 impl Faulty {
     fn check(&self, at: Fault) -> Result<(), StoreError> {
         if self.fault == at && self.fail.load(Ordering::SeqCst) {
-            return Err(StoreError::Engine(sled::Error::Io(std::io::Error::other(
+            return Err(StoreError::Disk(std::io::Error::other(
                 "injected: no space left on device",
-            ))));
+            )));
         }
         Ok(())
     }

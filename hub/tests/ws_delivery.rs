@@ -480,7 +480,12 @@ async fn admins_see_devices_join_and_leave_and_each_devices_lag() {
         till.publish(publish("b1", i, note(i))).await.unwrap();
     }
     admin.events_through("b1", 5).await;
-    let epoch = hub.hub().branches.opened()[0].shared.epoch;
+    let epoch = hub
+        .hub()
+        .branch(&BranchKey::new(name("acme"), name("b1")))
+        .await
+        .unwrap()
+        .epoch();
     till.send(&ClientFrame::Ack(Ack {
         branch: name("b1"),
         epoch,

@@ -121,7 +121,7 @@ async fn unknown_versions_and_bad_tokens_are_refused_with_their_codes() {
         Duration::ZERO,
     );
     expired.exp -= 3_600;
-    let expired = hub.hub().keys.mint(&expired).unwrap();
+    let expired = hub.hub().keys().mint(&expired).unwrap();
     let mut ws = connect(&hub, Codec::Json).await;
     ws.send(&hello(&expired, PROTOCOL_VERSION)).await;
     expect_close(&mut ws, ErrorCode::TokenExpired, 4001).await;

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 use branchline_protocol::{Codec, Epoch, Event};
 
-use crate::log::{BranchKey, EventLog, SledLog, StoreError};
+use branchline_protocol::BranchKey;
+
+use crate::engine::sled::{EventLog, SledLog, StoreError};
 
 /// Page cache of an offline tool: it reads each page about once.
 const CACHE_BYTES: u64 = 64 << 20;
@@ -79,9 +81,7 @@ fn open(dir: &Path) -> Result<SledLog, InspectError> {
     }
     SledLog::open_existing(dir, CACHE_BYTES).map_err(|e| match e {
         // sled reports a held lock only as an I/O error with this text.
-        StoreError::Engine(sled::Error::Io(io)) if io.to_string().contains("acquire lock") => {
-            InspectError::Locked(dir.to_path_buf())
-        }
+        e if e.is_locked() => InspectError::Locked(dir.to_path_buf()),
         other => InspectError::Store(other),
     })
 }
@@ -209,7 +209,8 @@ mod tests {
     use branchline_protocol::{Custom, Effect, EventBody, Name};
 
     use super::*;
-    use crate::log::{Op, StoredEvent};
+    use crate::engine::StoredEvent;
+    use crate::engine::sled::log::Op;
 
     fn key(b: &str) -> BranchKey {
         BranchKey::new(Name::new("acme").unwrap(), Name::new(b).unwrap())
@@ -267,7 +268,7 @@ mod tests {
     /// store's lock a little after the last handle is dropped (its background threads hold
     /// on); between processes the lock goes with the process.
     fn unlocked<T>(mut tool: impl FnMut() -> Result<T, InspectError>) -> Result<T, InspectError> {
-        let deadline = std::time::Instant::now() + crate::log::LOCK_WAIT;
+        let deadline = std::time::Instant::now() + crate::engine::sled::log::LOCK_WAIT;
         loop {
             match tool() {
                 Err(InspectError::Locked(_)) if std::time::Instant::now() < deadline => {

@@ -1,10 +1,11 @@
-//! The replay log: the storage engine boundary and its sled implementation.
+//! The sled engine's store: one sled tree holding every branch's log, dedup index, device
+//! counters and state.
 //!
-//! The rest of the hub sees only [`EventLog`]: append a batch of typed [`Op`]s atomically
-//! (events with their dedup entries, device counters and state), read a range of events, and
-//! the per-branch metadata. [`SledLog`] keeps everything in one sled tree under typed key
-//! prefixes, so that one group commit is one atomic `apply_batch` and one flush. Another engine
-//! (a multi-node one) implements the same trait without touching rooms, sessions or HTTP.
+//! The engine's writers and committer see it as [`EventLog`]: append a batch of typed [`Op`]s
+//! atomically (events with their dedup entries, device counters and state), make it durable,
+//! read a range of events, and the per-branch metadata. (Tests put a [`EventLog`] in front of
+//! the real store that fails on demand.) [`SledLog`] keeps everything in one sled tree under
+//! typed key prefixes, so that one group commit is one atomic `apply_batch` and one flush.
 //!
 //! Key layout (`B` is `tenant \0 branch \0`, seqs are big-endian so scans run in order):
 //!
@@ -41,47 +42,17 @@ use std::time::Duration;
 
 use branchline_durable::{Closing, DurableDir};
 use branchline_protocol::{
-    Codec, ConflictRecord, ConflictStatus, Epoch, Name, Sku, UnixMillis, now_ms,
+    BranchKey, ConflictRecord, ConflictStatus, Epoch, Name, Sku, UnixMillis, now_ms,
 };
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::keys::{
+    BranchRounds, CONFLICT, DEDUP, DEDUP_ENTRY, EVENT, FLOOR, HEAD, META, PRODUCT, RUN, STOCK,
+    decode, decode_branch, decode_head, dedup_bucket, dedup_entries, entries, i64_at, key, u64_at,
+};
+use crate::engine::StoredEvent;
 use crate::state::ProductState;
-
-pub use branchline_protocol::BranchKey;
-
-/// `tenant \0 branch \0`, a branch's part of every key: names never hold a NUL, so this is
-/// prefix-free.
-fn encode_branch(branch: &BranchKey) -> Vec<u8> {
-    let mut out =
-        Vec::with_capacity(branch.tenant.as_str().len() + branch.branch.as_str().len() + 2);
-    out.extend_from_slice(branch.tenant.as_str().as_bytes());
-    out.push(0);
-    out.extend_from_slice(branch.branch.as_str().as_bytes());
-    out.push(0);
-    out
-}
-
-/// The branch a key part names, and what follows it.
-fn decode_branch(bytes: &[u8]) -> Option<(BranchKey, &[u8])> {
-    let t = bytes.iter().position(|&b| b == 0)?;
-    let rest = &bytes[t + 1..];
-    let b = rest.iter().position(|&b| b == 0)?;
-    let tenant = Name::new(std::str::from_utf8(&bytes[..t]).ok()?).ok()?;
-    let branch = Name::new(std::str::from_utf8(&rest[..b]).ok()?).ok()?;
-    Some((BranchKey::new(tenant, branch), &rest[b + 1..]))
-}
-
-/// A stored event: its seq, when it was sequenced, and its MessagePack encoding.
-#[derive(Clone, Debug)]
-pub struct StoredEvent {
-    /// The event's seq.
-    pub seq: u64,
-    /// When the hub sequenced it.
-    pub server_time_ms: UnixMillis,
-    /// The `Event` as MessagePack, exactly as sent to MessagePack clients.
-    pub bytes: Bytes,
-}
 
 /// What the dedup index remembers of an accepted event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -162,16 +133,16 @@ pub enum Op {
     },
 }
 
-/// A storage failure. Fatal for the write that met it: the hub stops accepting writes until
-/// it is restarted (see [`crate::commit`]).
+/// A storage failure. Fatal for the write that met it: the engine stops accepting writes
+/// until it is restarted (see [`super::commit`]).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The storage engine failed.
-    #[error("store: {0}")]
-    Engine(#[from] sled::Error),
-    /// A file of the store could not be synced, listed or measured.
-    #[error("store files: {0}")]
+    /// The disk failed (full, unwritable, gone): a read, write, sync or listing.
+    #[error("store: I/O error: {0}")]
     Disk(#[from] std::io::Error),
+    /// The store failed otherwise (sled said why).
+    #[error("store: {0}")]
+    Engine(String),
     /// Stored bytes could not be read back.
     #[error("store holds unreadable data at {key}: {why}")]
     Corrupt {
@@ -185,18 +156,29 @@ pub enum StoreError {
     Failed,
 }
 
-impl StoreError {
-    /// Whether it failed for want of disk space.
-    pub fn is_disk_full(&self) -> bool {
-        let io = match self {
-            StoreError::Engine(sled::Error::Io(e)) | StoreError::Disk(e) => e,
-            _ => return false,
-        };
-        io.kind() == std::io::ErrorKind::StorageFull
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            sled::Error::Io(io) => StoreError::Disk(io),
+            other => StoreError::Engine(other.to_string()),
+        }
     }
 }
 
-/// The storage engine boundary.
+impl StoreError {
+    /// Whether it failed for want of disk space.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Disk(e) if e.kind() == std::io::ErrorKind::StorageFull)
+    }
+
+    /// Whether sled refused the store because another process holds its lock (sled says so
+    /// only in the text of an I/O error).
+    pub fn is_locked(&self) -> bool {
+        matches!(self, StoreError::Disk(e) if e.to_string().contains("could not acquire lock"))
+    }
+}
+
+/// The store as the sled engine's writers and committer use it.
 pub trait EventLog: Send + Sync + 'static {
     /// Opens a branch, creating its log (with a fresh epoch, durably) if it has none.
     fn open_branch(&self, branch: &BranchKey) -> Result<LoadedBranch, StoreError>;
@@ -278,218 +260,6 @@ pub trait EventLog: Send + Sync + 'static {
     fn size_on_disk(&self) -> Result<u64, StoreError>;
 }
 
-const META: u8 = b'M';
-const HEAD: u8 = b'H';
-const FLOOR: u8 = b'F';
-const EVENT: u8 = b'E';
-const DEDUP: u8 = b'D';
-const PRODUCT: u8 = b'P';
-const STOCK: u8 = b'S';
-const CONFLICT: u8 = b'C';
-const RUN: u8 = b'R';
-
-/// Bytes of one dedup entry: event id, seq, content hash, server time.
-const DEDUP_ENTRY: usize = 40;
-
-/// The dedup bucket of an event id: its UUID v7 creation time in units of 1,024 ms.
-fn dedup_bucket(event_id: &Uuid) -> [u8; 8] {
-    let b = event_id.as_bytes();
-    let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
-    (ms >> 10).to_be_bytes()
-}
-
-/// The dedup entries of one `D` value.
-fn dedup_entries(value: &[u8]) -> impl Iterator<Item = Result<(Uuid, DedupEntry), StoreError>> {
-    let corrupt = value.len() % DEDUP_ENTRY != 0;
-    let whole = if corrupt { &[][..] } else { value };
-    let err = corrupt.then(|| {
-        Err(StoreError::Corrupt {
-            key: "dedup".into(),
-            why: format!("{} bytes", value.len()),
-        })
-    });
-    whole
-        .chunks_exact(DEDUP_ENTRY)
-        .map(|e| {
-            let mut id = [0u8; 16];
-            id.copy_from_slice(&e[..16]);
-            Ok((
-                Uuid::from_bytes(id),
-                DedupEntry {
-                    seq: u64_at(e, 16, "dedup")?,
-                    hash: u64_at(e, 24, "dedup")?,
-                    server_time_ms: i64_at(e, 32, "dedup")?,
-                },
-            ))
-        })
-        .chain(err)
-}
-
-fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(
-        1 + branch.tenant.as_str().len() + branch.branch.as_str().len() + 2 + suffix.len(),
-    );
-    k.push(tag);
-    k.extend_from_slice(&encode_branch(branch));
-    k.extend_from_slice(suffix);
-    k
-}
-
-fn u64_at(bytes: &[u8], at: usize, what: &str) -> Result<u64, StoreError> {
-    bytes
-        .get(at..at + 8)
-        .and_then(|b| b.try_into().ok())
-        .map(u64::from_be_bytes)
-        .ok_or_else(|| StoreError::Corrupt {
-            key: what.into(),
-            why: format!("{} bytes", bytes.len()),
-        })
-}
-
-fn i64_at(bytes: &[u8], at: usize, what: &str) -> Result<i64, StoreError> {
-    u64_at(bytes, at, what).map(|v| v as i64)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
-    Codec::MsgPack
-        .decode(bytes)
-        .map_err(|e| StoreError::Corrupt {
-            key: what.into(),
-            why: e.to_string(),
-        })
-}
-
-/// Appends one event to a round value: seq, server time, length, bytes.
-fn push_entry(value: &mut Vec<u8>, event: &StoredEvent) {
-    value.extend_from_slice(&event.seq.to_be_bytes());
-    value.extend_from_slice(&event.server_time_ms.to_be_bytes());
-    value.extend_from_slice(
-        &u32::try_from(event.bytes.len())
-            .unwrap_or(u32::MAX)
-            .to_be_bytes(),
-    );
-    value.extend_from_slice(&event.bytes);
-}
-
-/// The events of a round value, sharing its bytes.
-fn entries(value: Bytes) -> impl Iterator<Item = Result<StoredEvent, StoreError>> {
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        if at >= value.len() {
-            return None;
-        }
-        let entry = (|| {
-            let seq = u64_at(&value, at, "round")?;
-            let server_time_ms = i64_at(&value, at + 8, "round")?;
-            let len = value
-                .get(at + 16..at + 20)
-                .and_then(|b| b.try_into().ok())
-                .map(u32::from_be_bytes)
-                .ok_or_else(|| StoreError::Corrupt {
-                    key: "round".into(),
-                    why: "truncated entry".into(),
-                })? as usize;
-            let start = at + 20;
-            if start + len > value.len() {
-                return Err(StoreError::Corrupt {
-                    key: "round".into(),
-                    why: "entry past the end".into(),
-                });
-            }
-            at = start + len;
-            Ok(StoredEvent {
-                seq,
-                server_time_ms,
-                bytes: value.slice(start..start + len),
-            })
-        })();
-        if entry.is_err() {
-            at = value.len();
-        }
-        Some(entry)
-    })
-}
-
-/// The `H` value: the head, then each device as name length, name and `device_seq`.
-fn encode_head(head: u64, devices: &[(Name, u64)]) -> Vec<u8> {
-    let mut value = Vec::with_capacity(8 + devices.len() * 24);
-    value.extend_from_slice(&head.to_be_bytes());
-    for (device, seq) in devices {
-        let name = device.as_str().as_bytes();
-        value.push(u8::try_from(name.len()).unwrap_or(u8::MAX));
-        value.extend_from_slice(name);
-        value.extend_from_slice(&seq.to_be_bytes());
-    }
-    value
-}
-
-fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
-    let corrupt = || StoreError::Corrupt {
-        key: "head".into(),
-        why: "bad device entry".into(),
-    };
-    let head = u64_at(value, 0, "head")?;
-    let mut devices = HashMap::new();
-    let mut at = 8;
-    while at < value.len() {
-        let len = usize::from(value[at]);
-        let name = value.get(at + 1..at + 1 + len).ok_or_else(corrupt)?;
-        let device = std::str::from_utf8(name)
-            .ok()
-            .and_then(|n| Name::new(n).ok())
-            .ok_or_else(corrupt)?;
-        devices.insert(device, u64_at(value, at + 1 + len, "head")?);
-        at += 1 + len + 8;
-    }
-    Ok((head, devices))
-}
-
-/// The rounds one commit adds to one branch, in seq order, as one.
-struct BranchRounds<'a> {
-    branch: &'a Arc<BranchKey>,
-    /// Every event with its id and content hash.
-    events: Vec<(&'a StoredEvent, &'a (Uuid, u64))>,
-    /// The last round's head and device counters.
-    head: u64,
-    devices: &'a [(Name, u64)],
-}
-
-impl BranchRounds<'_> {
-    /// One `E` value with every event, the `H` value of the last round, and one `D` value
-    /// per bucket of their ids, all keyed by the last seq.
-    fn write(&self, batch: &mut sled::Batch) {
-        let size = self.events.iter().map(|(e, _)| 20 + e.bytes.len()).sum();
-        let mut value = Vec::with_capacity(size);
-        // Ids made within the same second share a bucket: usually one key.
-        let mut buckets: Vec<([u8; 8], Vec<u8>)> = Vec::new();
-        for (event, (id, hash)) in &self.events {
-            push_entry(&mut value, event);
-            let bucket = dedup_bucket(id);
-            let at = match buckets.iter().position(|(b, _)| *b == bucket) {
-                Some(at) => at,
-                None => {
-                    buckets.push((bucket, Vec::new()));
-                    buckets.len() - 1
-                }
-            };
-            let entry = &mut buckets[at].1;
-            entry.extend_from_slice(id.as_bytes());
-            entry.extend_from_slice(&event.seq.to_be_bytes());
-            entry.extend_from_slice(&hash.to_be_bytes());
-            entry.extend_from_slice(&event.server_time_ms.to_be_bytes());
-        }
-        let (branch, head) = (self.branch, self.head);
-        batch.insert(key(EVENT, branch, &head.to_be_bytes()), value);
-        batch.insert(key(HEAD, branch, &[]), encode_head(head, self.devices));
-        for (bucket, entries) in buckets {
-            let mut suffix = [0u8; 16];
-            suffix[..8].copy_from_slice(&bucket);
-            suffix[8..].copy_from_slice(&head.to_be_bytes());
-            batch.insert(key(DEDUP, branch, &suffix), entries);
-        }
-    }
-}
-
 /// sled's segment size for new stores: 8 MiB, where sled's default is 512 KiB. sled writes
 /// any node over a quarter of a segment to a blob file of its own, and a node of this log
 /// (up to 17 rounds of a branch) often passes 128 KiB under load: every such write then costs
@@ -498,7 +268,7 @@ impl BranchRounds<'_> {
 /// durable publish bench writes no blob at all. sled keeps a store's segment size for life,
 /// so a store made with another keeps it. (sled marks the setting as one for its own tests;
 /// the power-loss tests run the hub with it.)
-const SEGMENT_SIZE: usize = 8 << 20;
+pub(super) const SEGMENT_SIZE: usize = 8 << 20;
 
 /// How long opening a store waits for a lock held by a hub stopping in this process.
 pub const LOCK_WAIT: Duration = Duration::from_secs(10);
@@ -512,8 +282,8 @@ pub const LOCK_WAIT: Duration = Duration::from_secs(10);
 /// Dropping it does not wait for sled's own closing flush (see [`Closing`]): whoever writes
 /// flushes what must be kept (commits, the hub's last flush at shutdown, the offline tools).
 pub struct SledLog {
-    db: Closing<sled::Db>,
-    tree: Closing<sled::Tree>,
+    pub(super) db: Closing<sled::Db>,
+    pub(super) tree: Closing<sled::Tree>,
     durable: DurableDir,
     dir: PathBuf,
 }
@@ -555,7 +325,7 @@ impl SledLog {
         Self::with_db(db, dir)
     }
 
-    fn with_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
+    pub(super) fn with_db(db: sled::Db, dir: &Path) -> Result<Self, StoreError> {
         let tree = db.open_tree("log")?;
         // Everything sled made while opening (its files, the tree) is durable before the
         // store is used.
@@ -587,7 +357,7 @@ impl SledLog {
         self.tree.scan_prefix(key(tag, branch, &[]))
     }
 
-    fn read_u64(&self, k: &[u8], what: &str) -> Result<Option<u64>, StoreError> {
+    pub(super) fn read_u64(&self, k: &[u8], what: &str) -> Result<Option<u64>, StoreError> {
         self.tree.get(k)?.map(|v| u64_at(&v, 0, what)).transpose()
     }
 }
@@ -942,334 +712,5 @@ impl EventLog for SledLog {
     }
 }
 
-/// Offline tools (`branchline-hub log …`) on a stopped hub's store: open it without waiting for
-/// its lock, look at a branch without creating its log, and reset an epoch.
-impl SledLog {
-    /// Opens the existing store in `dir` for an offline tool. Unlike [`SledLog::open`] it does
-    /// not wait for a held lock (a running hub holds it; sled's error says "could not acquire
-    /// lock") and does not create the replay log: a store without one is reported as such.
-    pub fn open_existing(dir: &Path, cache_bytes: u64) -> Result<Self, StoreError> {
-        branchline_durable::prepare(dir)?;
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_bytes)
-            .segment_size(branchline_durable::segment_size(dir).unwrap_or(SEGMENT_SIZE))
-            .flush_every_ms(None)
-            .open()?;
-        if !db.tree_names().iter().any(|name| name.as_ref() == b"log") {
-            return Err(StoreError::Corrupt {
-                key: dir.display().to_string(),
-                why: "this store has no replay log".into(),
-            });
-        }
-        Self::with_db(db, dir)
-    }
-
-    /// The `(epoch, head, floor)` of `branch`'s log, or `None` if it has none. Unlike
-    /// [`EventLog::open_branch`] this never creates a log: it only reads.
-    pub fn branch_position(
-        &self,
-        branch: &BranchKey,
-    ) -> Result<Option<(Epoch, u64, u64)>, StoreError> {
-        let Some(meta) = self.tree.get(key(META, branch, &[]))? else {
-            return Ok(None);
-        };
-        let epoch = Epoch(u64_at(&meta, 0, "meta")?);
-        let head = self.read_u64(&key(HEAD, branch, &[]), "head")?.unwrap_or(0);
-        let floor = self
-            .read_u64(&key(FLOOR, branch, &[]), "floor")?
-            .unwrap_or(0);
-        Ok(Some((epoch, head, floor)))
-    }
-
-    /// Gives `branch`'s log a new random epoch and moves its floor to its head, deleting its
-    /// events: positions of the old epoch mean nothing any more, so every client resyncs from
-    /// a snapshot (whose state the store holds) and continues under the new epoch. Returns
-    /// `(old, new)`, or `None` if the branch has no log. The dedup index and device counters
-    /// stay: a retried event is still a duplicate. The new epoch and floor are written and
-    /// flushed together before any event is deleted.
-    pub fn reset_epoch(&self, branch: &BranchKey) -> Result<Option<(Epoch, Epoch)>, StoreError> {
-        let Some((old, head, _)) = self.branch_position(branch)? else {
-            return Ok(None);
-        };
-        let new = loop {
-            let epoch = Epoch(rand::random::<u64>());
-            if epoch != old {
-                break epoch;
-            }
-        };
-        let mut meta = new.0.to_be_bytes().to_vec();
-        meta.extend_from_slice(&now_ms().to_be_bytes());
-        let mut batch = sled::Batch::default();
-        batch.insert(key(META, branch, &[]), meta);
-        batch.insert(key(FLOOR, branch, &[]), &head.to_be_bytes());
-        self.tree.apply_batch(batch)?;
-        self.trim(branch, head)?;
-        // Dropping the store does not wait for sled's flush: what a tool wrote is made durable
-        // here.
-        self.flush()?;
-        Ok(Some((old, new)))
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn branch(t: &str, b: &str) -> BranchKey {
-        BranchKey::new(Name::new(t).unwrap(), Name::new(b).unwrap())
-    }
-
-    #[test]
-    fn branch_keys_are_prefix_free_and_round_trip() {
-        let a = branch("acme", "b1");
-        let b = branch("acme", "b10");
-        assert!(!encode_branch(&b).starts_with(&encode_branch(&a)));
-        let encoded = encode_branch(&a);
-        let (decoded, rest) = decode_branch(&encoded).unwrap();
-        assert_eq!(decoded, a);
-        assert!(rest.is_empty());
-        assert_eq!(BranchKey::parse("acme/b1").unwrap(), a);
-        assert!(BranchKey::parse("acme").is_err());
-    }
-
-    #[test]
-    fn a_store_left_with_an_interrupted_snapshot_opens() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = branch("acme", "b1");
-        let epoch = SledLog::open(dir.path(), 1 << 20)
-            .unwrap()
-            .open_branch(&b)
-            .unwrap()
-            .epoch;
-        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFFF.generating"), b"").unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.open_branch(&b).unwrap().epoch, epoch);
-    }
-
-    #[test]
-    fn epoch_is_made_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = branch("acme", "b1");
-        let first = {
-            let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-            log.open_branch(&b).unwrap().epoch
-        };
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.open_branch(&b).unwrap().epoch, first);
-        assert_ne!(log.open_branch(&branch("acme", "b2")).unwrap().epoch, first);
-        assert_eq!(log.branches().unwrap().len(), 2);
-    }
-
-    #[test]
-    fn reads_return_ranges_in_order_and_trim_moves_the_floor() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        let b = Arc::new(branch("acme", "b1"));
-        log.open_branch(&b).unwrap();
-        // Three rounds of 100 events each.
-        let ops: Vec<Op> = (0..3u64)
-            .map(|round| Op::Round {
-                branch: b.clone(),
-                events: (round * 100 + 1..=round * 100 + 100)
-                    .map(|seq| StoredEvent {
-                        seq,
-                        server_time_ms: 1_000 + seq as i64,
-                        bytes: Bytes::from(seq.to_string()),
-                    })
-                    .collect(),
-                ids: (0..100).map(|_| (Uuid::now_v7(), 0)).collect(),
-                head: round * 100 + 100,
-                devices: vec![(Name::new("till-1").unwrap(), round + 1)],
-            })
-            .collect();
-        // Three commits of one round each.
-        for op in &ops {
-            log.apply(std::slice::from_ref(op)).unwrap();
-        }
-        log.flush().unwrap();
-        let got = log.read_events(&b, 255, 300, 10).unwrap();
-        let seqs: Vec<u64> = got.iter().map(|e| e.seq).collect();
-        assert_eq!(
-            seqs,
-            (256..=265).collect::<Vec<_>>(),
-            "no lexicographic surprise at 255/256"
-        );
-        assert_eq!(got[0].bytes, Bytes::from("256"));
-        assert_eq!(
-            log.read_events(&b, 298, 299, 10).unwrap().len(),
-            1,
-            "until is inclusive"
-        );
-        assert_eq!(
-            log.read_events(&b, 150, 300, 3)
-                .unwrap()
-                .iter()
-                .map(|e| e.seq)
-                .collect::<Vec<_>>(),
-            [151, 152, 153]
-        );
-        assert_eq!(log.last_seq_before(&b, 1_101).unwrap(), Some(100));
-        assert_eq!(
-            log.trim(&b, 100).unwrap(),
-            100,
-            "the first round goes whole"
-        );
-        assert_eq!(
-            log.trim(&b, 150).unwrap(),
-            0,
-            "a round across the floor stays"
-        );
-        let loaded = log.open_branch(&b).unwrap();
-        assert_eq!(
-            (loaded.head, loaded.floor, loaded.head_time_ms),
-            (300, 150, 1_300)
-        );
-        assert_eq!(
-            loaded.devices.get(&Name::new("till-1").unwrap()),
-            Some(&3),
-            "devices as of the last round"
-        );
-        assert_eq!(log.read_events(&b, 150, 300, 1).unwrap()[0].seq, 151);
-        assert_eq!(log.event_stats(&b).unwrap().0, 200);
-    }
-
-    /// An id made at `ms` (Unix milliseconds), as a UUID v7 would be.
-    fn id_at(ms: u64, n: u8) -> Uuid {
-        let mut b = [n; 16];
-        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-        b[6] = 0x70 | (n & 0x0f);
-        Uuid::from_bytes(b)
-    }
-
-    fn round(b: &Arc<BranchKey>, first: u64, ids: &[Uuid], time_ms: i64) -> Op {
-        Op::Round {
-            branch: b.clone(),
-            events: (0..ids.len() as u64)
-                .map(|i| StoredEvent {
-                    seq: first + i,
-                    server_time_ms: time_ms,
-                    bytes: Bytes::from_static(b"e"),
-                })
-                .collect(),
-            ids: ids.iter().map(|id| (*id, first)).collect(),
-            head: first + ids.len() as u64 - 1,
-            devices: vec![],
-        }
-    }
-
-    #[test]
-    fn dedup_entries_are_found_by_id_across_buckets_and_outlive_nothing_still_logged() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        let b = Arc::new(branch("acme", "b1"));
-        let other = Arc::new(branch("acme", "b2"));
-        log.open_branch(&b).unwrap();
-        // One round whose ids span two buckets (a device that was offline), then a round of
-        // ids made in one second, then the same ids on another branch.
-        let old = [id_at(1_000, 1), id_at(500_000, 2), id_at(500_001, 3)];
-        let new: Vec<Uuid> = (10..20).map(|n| id_at(900_000, n)).collect();
-        log.apply(&[
-            round(&b, 1, &old, 10_000),
-            round(&b, 4, &new, 20_000),
-            round(&other, 1, &new[..1], 20_000),
-        ])
-        .unwrap();
-        for (seq, id) in (1..).zip(old.iter().chain(&new)) {
-            let entry = log.dedup(&b, id).unwrap().expect("remembered");
-            assert_eq!(entry.seq, seq, "{id}");
-        }
-        assert_eq!(log.dedup(&b, &id_at(900_000, 99)).unwrap(), None);
-        assert_eq!(
-            log.dedup(&other, &new[0]).unwrap().map(|e| e.seq),
-            Some(1),
-            "branches keep their own entries"
-        );
-        let mut ids = Vec::new();
-        log.dedup_ids(&b, &mut |id| ids.push(id)).unwrap();
-        assert_eq!(ids.len(), 13);
-
-        // Old enough, but the log still holds them: nothing goes.
-        assert_eq!(log.expire_dedup(&b, 30_000, 0).unwrap(), 0);
-        assert!(log.dedup(&b, &old[0]).unwrap().is_some());
-        // The first round trimmed (floor 3) and old: it goes; the second is not old enough.
-        assert_eq!(log.expire_dedup(&b, 15_000, 13).unwrap(), 3);
-        assert_eq!(log.dedup(&b, &old[1]).unwrap(), None);
-        assert!(log.dedup(&b, &new[9]).unwrap().is_some());
-        assert!(log.dedup(&other, &new[0]).unwrap().is_some());
-    }
-
-    #[test]
-    fn rounds_of_one_commit_are_stored_as_one_and_read_back_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        let (a, b) = (
-            Arc::new(branch("acme", "b1")),
-            Arc::new(branch("acme", "b2")),
-        );
-        log.open_branch(&a).unwrap();
-        log.open_branch(&b).unwrap();
-        let ids: Vec<Uuid> = (0..6).map(|n| id_at(5_000, n)).collect();
-        // Two branches' rounds interleaved, as writers hand them to one commit.
-        log.apply(&[
-            round(&a, 1, &ids[..2], 10),
-            round(&b, 1, &ids[2..3], 10),
-            round(&a, 3, &ids[3..5], 11),
-            round(&b, 2, &ids[5..], 11),
-        ])
-        .unwrap();
-        let seqs = |k: &BranchKey| -> Vec<u64> {
-            log.read_events(k, 0, 10, 10)
-                .unwrap()
-                .iter()
-                .map(|e| e.seq)
-                .collect()
-        };
-        assert_eq!((seqs(&a), seqs(&b)), (vec![1, 2, 3, 4], vec![1, 2]));
-        assert_eq!(log.position(&a).unwrap().0, 4, "the head of the last round");
-        assert_eq!(log.dedup(&a, &ids[4]).unwrap().map(|e| e.seq), Some(4));
-        assert_eq!(log.dedup(&b, &ids[5]).unwrap().map(|e| e.seq), Some(2));
-        assert_eq!(
-            log.trim(&a, 2).unwrap(),
-            0,
-            "one stored round: it stays until the floor passes its last event"
-        );
-        assert_eq!(log.trim(&a, 4).unwrap(), 4);
-    }
-
-    #[test]
-    fn an_interval_run_that_did_not_stop_cleanly_resets_every_epoch() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = Arc::new(branch("acme", "b1"));
-        let epoch_of = |log: &SledLog| log.open_branch(&b).unwrap().epoch;
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.begin_run(false).unwrap(), 0, "a fresh store");
-        let first = epoch_of(&log);
-        log.apply(&[round(&b, 1, &[id_at(1, 1), id_at(1, 2)], 10)])
-            .unwrap();
-        log.flush().unwrap();
-        log.end_run().unwrap();
-        assert_eq!(
-            log.begin_run(false).unwrap(),
-            0,
-            "the interval run stopped cleanly"
-        );
-        assert_eq!(epoch_of(&log), first);
-        // This interval run "crashes": no end_run.
-        drop(log);
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.begin_run(true).unwrap(), 1);
-        let loaded = log.open_branch(&b).unwrap();
-        assert_ne!(loaded.epoch, first, "a new epoch");
-        assert_eq!(
-            (loaded.head, loaded.floor),
-            (2, 2),
-            "nothing to replay under it"
-        );
-        // A durable run that crashes leaves the epoch alone.
-        drop(log);
-        let log = SledLog::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(log.begin_run(true).unwrap(), 0);
-        assert_eq!(epoch_of(&log), loaded.epoch);
-    }
-}
+mod tests;

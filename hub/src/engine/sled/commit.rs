@@ -4,7 +4,7 @@
 //! Branch writers hand [`CommitItem`]s to one dedicated thread. While it writes and flushes,
 //! new items queue up; the next round takes all of them at once, so the flush cost is shared
 //! by every event that arrived meanwhile (and the rounds one branch's writer made meanwhile
-//! are stored as one, see [`crate::log`]). Only after the write is durable does a second
+//! are stored as one, see [`super::keys`]). Only after the write is durable does a second
 //! thread, in commit order, publish each branch's new head, fan the events out to its room
 //! and run the publishers' replies, while the first writes the next round. No client ever
 //! sees an event a crash or a power cut could take back.
@@ -19,7 +19,7 @@
 //! the same way until the hub is restarted. (After a failed fsync the state of the file is
 //! unknowable; retrying it could acknowledge what is not on disk.) Reads keep working. After
 //! each commit the committer also measures the free space, so that writes stop, for a while
-//! only, before the disk is full (see [`crate::health`]).
+//! only, before the disk is full (see [`crate::engine::health`]).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -28,12 +28,12 @@ use std::time::Instant;
 use branchline_protocol::{ErrorCode, Name};
 use tokio::sync::mpsc;
 
-use crate::branch::BranchShared;
+use super::log::{EventLog, Op, StoreError};
+use super::writer::BranchCore;
 use crate::config::FsyncMode;
-use crate::health::StoreHealth;
-use crate::log::{EventLog, Op};
+use crate::engine::health::StoreHealth;
+use crate::engine::{Committed, Feed, Publication};
 use crate::metrics::Metrics;
-use crate::room::{LiveBatch, Rooms};
 
 /// Called once the commit that carries it is durable (`Ok`) or has failed (`Err` with the code
 /// to answer).
@@ -42,18 +42,22 @@ pub type Reply = Box<dyn FnOnce(Result<(), ErrorCode>) + Send>;
 /// One branch writer's contribution to a commit.
 pub struct CommitItem {
     /// The branch.
-    pub branch: Arc<BranchShared>,
+    pub core: Arc<BranchCore>,
     /// What to write.
     pub ops: Vec<Op>,
     /// The branch head once these ops are written (unchanged if they add no event).
     pub head: u64,
     /// The events these ops add, ready to fan out.
-    pub live: Option<Arc<LiveBatch>>,
+    pub publication: Option<Arc<Publication>>,
     /// Answers to send after the write.
     pub replies: Vec<Reply>,
     /// Devices whose last applied `device_seq` these ops move, and to what: shown (in
     /// `welcome` and device lists) only once durable.
     pub device_seqs: Vec<(Name, u64)>,
+    /// SKUs with negative stock once these ops are written.
+    pub oversold: u64,
+    /// Conflicts waiting for an admin once these ops are written.
+    pub open_conflicts: u64,
 }
 
 /// Most ops one commit writes. Bounds the latency one round can add, and sled's cost per
@@ -105,7 +109,7 @@ impl Committer {
     /// flushes once more and exits.
     pub fn start(
         log: Arc<dyn EventLog>,
-        rooms: Arc<Rooms>,
+        feed: Arc<dyn Feed>,
         metrics: Arc<Metrics>,
         fsync: FsyncMode,
         health: Arc<StoreHealth>,
@@ -122,7 +126,7 @@ impl Committer {
             .name("branchline-release".into())
             .spawn(move || {
                 for group in done_rx {
-                    release_group(group, &rooms, &metrics);
+                    release_group(group, &*feed, &metrics);
                 }
             })?;
         let commit = std::thread::Builder::new()
@@ -157,7 +161,7 @@ struct Shared {
 
 impl Shared {
     /// Records a failed write or flush: nothing more is written until a restart.
-    fn fail(&self, err: &crate::log::StoreError, what: &str) {
+    fn fail(&self, err: &StoreError, what: &str) {
         self.health.fail();
         self.metrics.store_error();
         tracing::error!(error = %err, "{what} failed; refusing writes until restart");
@@ -176,13 +180,13 @@ struct Group {
     started: Instant,
 }
 
-/// Publishes the heads, fans out and answers, in commit order.
-fn release_group(group: Group, rooms: &Rooms, metrics: &Metrics) {
+/// Publishes the heads, tells the feed and answers, in commit order.
+fn release_group(group: Group, feed: &dyn Feed, metrics: &Metrics) {
     if group.ops > 0 {
         metrics.commit(group.started.elapsed(), group.ops);
     }
     for item in group.items {
-        release(item, rooms);
+        release(item, feed);
     }
 }
 
@@ -309,15 +313,19 @@ fn interval_flush(shared: &Shared, unflushed: &mut bool, last_flush: &mut Instan
     *last_flush = Instant::now();
 }
 
-/// After a durable commit: publish the head first, then fan out, then answer. Readers that
-/// see the new head find the events in the log; subscribers that join after the head moved
-/// replay them from there.
-fn release(item: CommitItem, rooms: &Rooms) {
-    item.branch.note_device_seqs(&item.device_seqs);
-    item.branch.set_committed(item.head);
-    if let Some(live) = &item.live {
-        rooms.deliver(&item.branch.key, live);
-    }
+/// After a durable commit: publish the head first, then tell the feed (which moves the hub's
+/// head and fans out), then answer. Readers that see the new head find the events in the log;
+/// subscribers that join after the head moved replay them from there.
+fn release(item: CommitItem, feed: &dyn Feed) {
+    item.core.set_committed(item.head);
+    feed.committed(Committed {
+        branch: item.core.key.clone(),
+        head: item.head,
+        publication: item.publication,
+        device_seqs: item.device_seqs,
+        oversold: item.oversold,
+        open_conflicts: item.open_conflicts,
+    });
     for reply in item.replies {
         reply(Ok(()));
     }

@@ -1,147 +1,24 @@
 //! Rooms: the live sessions following each branch, and fan-out.
 //!
 //! A room is created when its first member joins and dropped when its last leaves. Each
-//! commit's events of a branch become one [`LiveBatch`], encoded once per codec, and the same
-//! bytes are offered to every member with `try_send`. A session's queue is bounded by a budget
-//! of events: a member whose session is over budget is marked lagging and gets no more live
-//! batches; its session then catches up from the log (see [`crate::session`]). Fan-out never
-//! waits for a slow session and never grows memory for it.
+//! commit's events of a branch (the engine's [`Publication`]) become one [`LiveBatch`],
+//! encoded once per codec, and the same bytes are offered to every member with `try_send`. A
+//! session's queue is bounded by a budget of events: a member whose session is over budget is
+//! marked lagging and gets no more live batches; its session then catches up from the log (see
+//! [`super::delivery`]). Fan-out never waits for a slow session and never grows memory for
+//! it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
-use axum::extract::ws::{Message, Utf8Bytes};
-use branchline_protocol::{Codec, DecodeError, Epoch, Name, Role, ServerFrame};
-use bytes::Bytes;
+use branchline_protocol::{BranchKey, Name, Role, ServerFrame};
 use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::log::{BranchKey, StoredEvent};
-
-/// Consecutive events of one branch from one commit, shared by every member of its room.
-pub struct LiveBatch {
-    /// The branch.
-    pub branch: Arc<BranchKey>,
-    /// Its epoch.
-    pub epoch: Epoch,
-    /// The events, in seq order, without gaps.
-    pub events: Vec<StoredEvent>,
-    msgpack: Bytes,
-    json: OnceLock<Option<Utf8Bytes>>,
-}
-
-impl LiveBatch {
-    /// A batch of `events` (at least one).
-    pub fn new(branch: Arc<BranchKey>, epoch: Epoch, events: Vec<StoredEvent>) -> Self {
-        let msgpack = encode_events(
-            Codec::MsgPack,
-            &branch.branch,
-            epoch,
-            events.iter().map(|e| e.bytes.clone()).collect(),
-        );
-        Self {
-            branch,
-            epoch,
-            events,
-            msgpack,
-            json: OnceLock::new(),
-        }
-    }
-
-    /// The first seq.
-    pub fn first(&self) -> u64 {
-        self.events.first().map_or(0, |e| e.seq)
-    }
-
-    /// The last seq.
-    pub fn last(&self) -> u64 {
-        self.events.last().map_or(0, |e| e.seq)
-    }
-
-    /// How many events.
-    pub fn len(&self) -> usize {
-        self.events.len()
-    }
-
-    /// Whether the batch is empty (never, for batches the writer makes).
-    pub fn is_empty(&self) -> bool {
-        self.events.is_empty()
-    }
-
-    /// The whole batch as one frame in `codec`, encoded once and shared.
-    pub fn message(&self, codec: Codec) -> Option<Message> {
-        match codec {
-            Codec::MsgPack => Some(Message::Binary(self.msgpack.clone())),
-            Codec::Json => self
-                .json
-                .get_or_init(|| events_message_json(&self.branch.branch, self.epoch, &self.events))
-                .clone()
-                .map(Message::Text),
-        }
-    }
-
-    /// The events after `delivered` as one frame (for a session that already has some).
-    pub fn message_after(&self, delivered: u64, codec: Codec) -> Option<Message> {
-        let rest: Vec<StoredEvent> = self
-            .events
-            .iter()
-            .filter(|e| e.seq > delivered)
-            .cloned()
-            .collect();
-        events_message(codec, &self.branch.branch, self.epoch, &rest)
-    }
-}
-
-/// Most bytes of events one `events` frame carries, live or replayed (a single larger event
-/// still goes alone): well within what clients read in one message.
-pub const FRAME_EVENT_BYTES: usize = 1 << 20;
-
-/// Events as an `event` frame (one) or an `events` frame (several), from their stored bytes.
-pub fn events_message(
-    codec: Codec,
-    branch: &Name,
-    epoch: Epoch,
-    events: &[StoredEvent],
-) -> Option<Message> {
-    match codec {
-        Codec::MsgPack => Some(Message::Binary(encode_events(
-            codec,
-            branch,
-            epoch,
-            events.iter().map(|e| e.bytes.clone()).collect(),
-        ))),
-        Codec::Json => events_message_json(branch, epoch, events).map(Message::Text),
-    }
-}
-
-fn events_message_json(branch: &Name, epoch: Epoch, events: &[StoredEvent]) -> Option<Utf8Bytes> {
-    let json: Result<Vec<Bytes>, DecodeError> = events
-        .iter()
-        .map(|e| Codec::Json.transcode(Codec::MsgPack, &e.bytes))
-        .collect();
-    let json = match json {
-        Ok(json) => json,
-        Err(e) => {
-            tracing::error!(error = %e, "a stored event does not transcode to JSON");
-            return None;
-        }
-    };
-    Utf8Bytes::try_from(encode_events(Codec::Json, branch, epoch, json)).ok()
-}
-
-fn encode_events(codec: Codec, branch: &Name, epoch: Epoch, mut stored: Vec<Bytes>) -> Bytes {
-    if stored.len() == 1 {
-        let one = stored.remove(0);
-        match codec.event_frame(&one) {
-            Ok(frame) => return frame,
-            Err(e) => tracing::error!(error = %e, "a stored event is not a map"),
-        }
-        stored.push(one);
-    }
-    codec.encode_event_batch(branch, epoch, &stored)
-}
+use super::frames::LiveBatch;
+use crate::engine::Publication;
 
 /// What a session's writer is sent.
 pub enum Outbound {
@@ -301,13 +178,14 @@ impl Rooms {
             .remove_if(branch, |_, room| room.members().is_empty());
     }
 
-    /// Offers a committed batch to every member of its room.
-    pub fn deliver(&self, branch: &BranchKey, batch: &Arc<LiveBatch>) {
-        let Some(room) = self.map.get(branch).map(|r| r.clone()) else {
+    /// Offers a committed publication to every member of its branch's room.
+    pub fn deliver(&self, publication: &Arc<Publication>) {
+        let Some(room) = self.map.get(&publication.branch).map(|r| r.clone()) else {
             return;
         };
+        let batch = Arc::new(LiveBatch::new(publication.clone()));
         for member in room.members().iter() {
-            member.offer(batch);
+            member.offer(&batch);
         }
     }
 
