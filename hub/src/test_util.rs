@@ -26,14 +26,25 @@ use uuid::Uuid;
 
 use crate::auth::{Claims, TokenBranches};
 use crate::config::Config;
+use crate::engine::memory::MemoryEngine;
 use crate::engine::sled::log::{DedupEntry, LoadedBranch, Op};
 use crate::engine::sled::{EventLog, SledEngine, SledLog, StoreError};
 use crate::engine::{Engine, StoredEvent};
 use crate::hub::{Hub, HubError};
+use crate::state::Policies;
 use branchline_protocol::BranchKey;
 
 /// The store argument of a launch that opens the plain store itself.
 type NoStore = fn(&Config) -> Arc<dyn EventLog>;
+
+/// Which engine a test hub runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// The embedded sled engine (the default).
+    Sled,
+    /// The in-memory engine.
+    Memory,
+}
 
 /// The secret test hubs sign tokens with.
 pub const TEST_SECRET: &str = "branchline-test-secret-0123456789abcdef";
@@ -42,7 +53,7 @@ pub const TEST_SECRET: &str = "branchline-test-secret-0123456789abcdef";
 /// on a multi-threaded runtime waits (up to [`DROP_WAIT`]) until the stop has finished.
 pub struct TestHub {
     hub: Arc<Hub>,
-    store: Arc<dyn EventLog>,
+    store: Option<Arc<dyn EventLog>>,
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), HubError>>>,
@@ -61,9 +72,17 @@ impl TestHub {
     /// A hub whose configuration `adjust` changes first (the store directory and secret are
     /// set by the test hub).
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on(EngineKind::Sled, adjust).await
+    }
+
+    /// A hub on the engine `kind`, its configuration changed by `adjust` first.
+    pub async fn start_on(kind: EngineKind, adjust: impl FnOnce(&mut Config)) -> Self {
         let mut config = Self::config();
         adjust(&mut config);
-        Self::launch(config, Self::temp_dir(), None::<NoStore>).await
+        match kind {
+            EngineKind::Sled => Self::launch(config, Self::temp_dir(), None::<NoStore>).await,
+            EngineKind::Memory => Self::launch_in_memory(config).await,
+        }
     }
 
     /// A hub whose store (the real sled one) first runs `hooks` on the calls it watches: a
@@ -98,10 +117,6 @@ impl TestHub {
     ) -> Self {
         config.data_dir = dir.path().join("data");
         config.token_secret = Some(TEST_SECRET.into());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("a local address");
         std::fs::create_dir_all(&config.data_dir).expect("the store directory");
         let log = match store {
             Some(store) => store(&config),
@@ -120,6 +135,35 @@ impl TestHub {
             }),
         )
         .expect("the test hub starts");
+        Self::serve(hub, Some(log), dir, config).await
+    }
+
+    /// A hub on the in-memory engine (nothing survives its stop).
+    async fn launch_in_memory(mut config: Config) -> Self {
+        let dir = Self::temp_dir();
+        config.data_dir = dir.path().join("data");
+        config.token_secret = Some(TEST_SECRET.into());
+        let policies = Policies::from(&config.conflicts);
+        let hub = Hub::with_engine(
+            config.clone(),
+            Box::new(move |feed, _| {
+                Ok(Arc::new(MemoryEngine::new(feed, policies)) as Arc<dyn Engine>)
+            }),
+        )
+        .expect("the test hub starts");
+        Self::serve(hub, None, dir, config).await
+    }
+
+    async fn serve(
+        hub: Arc<Hub>,
+        store: Option<Arc<dyn EventLog>>,
+        dir: Arc<tempfile::TempDir>,
+        config: Config,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("a local address");
         let (stop, stopped) = oneshot::channel::<()>();
         let (end, ended) = std::sync::mpsc::channel();
         let serving = crate::server::serve(hub.clone(), listener, async move {
@@ -132,7 +176,7 @@ impl TestHub {
         });
         Self {
             hub,
-            store: log,
+            store,
             addr,
             stop: Some(stop),
             task: Some(task),
@@ -172,9 +216,12 @@ impl TestHub {
         &self.hub
     }
 
-    /// The hub's store, as its engine writes it (for tests of what is stored).
+    /// The hub's store, as its engine writes it (for tests of what is stored). Panics on a
+    /// hub without one (the in-memory engine).
     pub fn store(&self) -> &Arc<dyn EventLog> {
-        &self.store
+        self.store
+            .as_ref()
+            .expect("a hub on the sled engine has a store")
     }
 
     /// A token for `device` with `role` on `branches` of `tenant` (`["*"]` for every branch),
@@ -234,6 +281,10 @@ impl TestHub {
 
     /// Stops the hub gracefully and starts it again on the same store (on a new port).
     pub async fn restart(mut self) -> Self {
+        assert!(
+            self.store.is_some(),
+            "only a hub on the sled engine keeps its store across a restart"
+        );
         self.shutdown().await;
         let (config, dir) = (self.config.clone(), self.dir.clone());
         drop(self);

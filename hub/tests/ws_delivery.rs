@@ -7,9 +7,44 @@
 mod support;
 
 use branchline_hub::protocol::*;
-use branchline_hub::test_util::TestHub;
+use branchline_hub::test_util::{EngineKind, TestHub};
 use rand::{Rng, SeedableRng};
 use support::*;
+
+/// Runs each scenario on the sled engine and on the in-memory one: sessions and rooms depend
+/// on the engine boundary alone.
+macro_rules! on_both_engines {
+    ($($scenario:ident),* $(,)?) => {
+        mod sled_engine {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(EngineKind::Sled).await;
+                }
+            )*
+        }
+        mod memory_engine {
+            use super::*;
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(EngineKind::Memory).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_engines!(
+    two_cashiers_and_an_admin_see_the_same_ordered_stream,
+    foreign_tenants_and_branches_are_refused,
+    resume_delivers_exactly_what_was_missed_while_publishing_continues,
+    positions_that_cannot_be_served_get_resync_required_and_no_events,
+    replay_then_caught_up_then_live_and_subscribe_mid_session,
+    admins_see_devices_join_and_leave_and_each_devices_lag,
+    live_frames_stay_within_a_mebibyte_of_events,
+);
 
 fn live(branch: &str) -> Subscription {
     Subscription {
@@ -25,9 +60,8 @@ fn from(branch: &str, epoch: Epoch, seq: u64) -> Subscription {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_cashiers_and_an_admin_see_the_same_ordered_stream() {
-    let hub = TestHub::start().await;
+async fn two_cashiers_and_an_admin_see_the_same_ordered_stream(engine: EngineKind) {
+    let hub = TestHub::start_on(engine, |_| {}).await;
     let mut c1 = connect(&hub, Codec::MsgPack).await;
     let mut c2 = connect(&hub, Codec::Json).await;
     let mut admin = connect(&hub, Codec::MsgPack).await;
@@ -98,9 +132,8 @@ async fn two_cashiers_and_an_admin_see_the_same_ordered_stream() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn foreign_tenants_and_branches_are_refused() {
-    let hub = TestHub::start().await;
+async fn foreign_tenants_and_branches_are_refused(engine: EngineKind) {
+    let hub = TestHub::start_on(engine, |_| {}).await;
     let token = hub.token("acme", &["b1"], "till-1", Role::Cashier);
 
     let mut other_branch = connect(&hub, Codec::MsgPack).await;
@@ -194,17 +227,16 @@ pub fn hello_frame(
 
 /// A reader that disconnects and resumes many times, at random moments, while a writer keeps
 /// publishing, receives every event exactly once, in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resume_delivers_exactly_what_was_missed_while_publishing_continues() {
+async fn resume_delivers_exactly_what_was_missed_while_publishing_continues(engine: EngineKind) {
     // Each seed is another interleaving of bursts, pauses and reconnects.
     for seed in [7, 1_001, 90_210] {
-        resume_while_publishing(seed).await;
+        resume_while_publishing(engine, seed).await;
     }
 }
 
-async fn resume_while_publishing(seed: u64) {
+async fn resume_while_publishing(engine: EngineKind, seed: u64) {
     const TOTAL: u64 = 3_000;
-    let hub = TestHub::start().await;
+    let hub = TestHub::start_on(engine, |_| {}).await;
     let writer_token = hub.token("acme", &["b1"], "till-w", Role::Cashier);
     let mut writer = connect(&hub, Codec::MsgPack).await;
     let epoch = writer.hello(&writer_token, "acme", "till-w", vec![]).await;
@@ -275,9 +307,8 @@ async fn resume_while_publishing(seed: u64) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn positions_that_cannot_be_served_get_resync_required_and_no_events() {
-    let hub = TestHub::start_with(|c| c.retention.max_events = 5).await;
+async fn positions_that_cannot_be_served_get_resync_required_and_no_events(engine: EngineKind) {
+    let hub = TestHub::start_on(engine, |c| c.retention.max_events = 5).await;
     let token = hub.token("acme", &["b1"], "till-1", Role::Cashier);
     let mut till = connect(&hub, Codec::MsgPack).await;
     let epoch = till
@@ -353,9 +384,8 @@ async fn positions_that_cannot_be_served_get_resync_required_and_no_events() {
     assert_contiguous(&events, 16, head);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replay_then_caught_up_then_live_and_subscribe_mid_session() {
-    let hub = TestHub::start().await;
+async fn replay_then_caught_up_then_live_and_subscribe_mid_session(engine: EngineKind) {
+    let hub = TestHub::start_on(engine, |_| {}).await;
     let token = hub.token("acme", &["*"], "console", Role::Admin);
     let mut admin = connect(&hub, Codec::MsgPack).await;
     let epoch = admin
@@ -425,9 +455,8 @@ async fn replay_then_caught_up_then_live_and_subscribe_mid_session() {
     assert_eq!(next.as_str(), "b1", "nothing of b2 after unsubscribing");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admins_see_devices_join_and_leave_and_each_devices_lag() {
-    let hub = TestHub::start().await;
+async fn admins_see_devices_join_and_leave_and_each_devices_lag(engine: EngineKind) {
+    let hub = TestHub::start_on(engine, |_| {}).await;
     let mut admin = session(
         &hub,
         Codec::Json,
@@ -576,10 +605,9 @@ async fn fsync_by_interval_serves_and_says_so() {
 /// A writer round ends once its events fill a frame: a burst of large events reaches
 /// followers in several frames, none carrying more than 1 MiB of events plus the one that
 /// filled it, every event once and in order.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_frames_stay_within_a_mebibyte_of_events() {
+async fn live_frames_stay_within_a_mebibyte_of_events(engine: EngineKind) {
     const EVENTS: u64 = 8;
-    let hub = TestHub::start_with(|c| {
+    let hub = TestHub::start_on(engine, |c| {
         c.limits.publish_rate = 1_000_000;
         c.limits.publish_burst = 1_000_000;
     })

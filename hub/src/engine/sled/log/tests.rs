@@ -3,6 +3,10 @@
 // In tests a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
+use std::sync::Arc;
+
+use branchline_protocol::Name;
+
 use super::*;
 use crate::engine::sled::keys::{decode_branch, encode_branch};
 

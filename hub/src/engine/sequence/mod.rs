@@ -474,3 +474,6 @@ pub fn encode_record(record: &ConflictRecord) -> Result<Bytes, ErrorCode> {
         ErrorCode::Internal
     })
 }
+
+#[cfg(test)]
+mod tests;
