@@ -60,21 +60,18 @@ async fn metric(hub: &HubProcess, line_start: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Waits (up to [`WAIT`]) until `/readyz` answers `status`; returns its body.
+/// Waits until `/readyz` answers `status`; returns its body.
 async fn readyz(hub: &HubProcess, status: u16) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually(&format!("/readyz answers {status}"), || async {
         let response = get(hub, "/readyz").await;
         let (got, body) = (response.status().as_u16(), response.text().await.unwrap());
         if got == status {
-            return body;
+            Ok(body)
+        } else {
+            Err((got, body))
         }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {got} ({body}), not {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,6 @@ mod support;
 
 use std::path::Path;
 use std::process::Output;
-use std::time::Duration;
 
 use branchline_hub::protocol::*;
 use branchline_hub::test_util::TestHub;
@@ -61,21 +60,14 @@ async fn connections_over_the_limit_get_503_and_a_retry_hint() {
 
     // A slot frees up when a session ends.
     a.close().await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually("the slot is freed", || async {
         let status = reqwest::get(format!("{}/healthz", hub.http_url()))
             .await
             .unwrap()
             .status();
-        if status == 200 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the slot was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        if status == 200 { Ok(()) } else { Err(status) }
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,22 +96,18 @@ async fn a_connection_storm_past_the_rate_is_refused_not_queued() {
         "past the rate the hub refuses: {statuses:?}"
     );
     // Once the rate admits a connection again, the metrics show the refusals.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let text = loop {
+    let text = eventually("the rate admits a connection again", || async {
         let resp = reqwest::Client::new()
             .get(format!("{}/metrics", hub.http_url()))
             .send()
             .await
             .unwrap();
-        if resp.status() == 200 {
-            break resp.text().await.unwrap();
+        match resp.status() {
+            reqwest::StatusCode::OK => Ok(resp.text().await.unwrap()),
+            other => Err(other),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the rate never admitted a connection again"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let refused = statuses.iter().filter(|s| **s == 503).count();
     assert!(
         text.lines()

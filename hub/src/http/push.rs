@@ -307,25 +307,21 @@ enum Header {
     Array,
 }
 
-/// Reads a MessagePack map or array header; returns its number of entries.
+/// Reads a MessagePack map or array header and moves past it; returns its number of entries.
 fn msgpack_header(rest: &mut &[u8], want: Header) -> Result<usize, DecodeError> {
-    let (fix, b16, b32, what) = match want {
-        Header::Map => (0x80, 0xde, 0xdf, "a map"),
-        Header::Array => (0x90, 0xdc, 0xdd, "an array"),
+    use rmp::decode::{ValueReadError, read_array_len, read_map_len};
+    let (read, what) = match want {
+        Header::Map => (read_map_len(rest), "a map"),
+        Header::Array => (read_array_len(rest), "an array"),
     };
-    let (&marker, tail) = rest.split_first().ok_or(DecodeError::Truncated)?;
-    let width = match marker {
-        m if m & 0xf0 == fix => {
-            *rest = tail;
-            return Ok(usize::from(m & 0x0f));
+    match read {
+        Ok(len) => Ok(len as usize),
+        Err(ValueReadError::TypeMismatch(_)) => {
+            Err(DecodeError::InvalidField(format!("expected {what}")))
         }
-        m if m == b16 => 2,
-        m if m == b32 => 4,
-        _ => return Err(DecodeError::InvalidField(format!("expected {what}"))),
-    };
-    let len = tail.get(..width).ok_or(DecodeError::Truncated)?;
-    *rest = &tail[width..];
-    Ok(len.iter().fold(0, |n, b| (n << 8) | usize::from(*b)))
+        // The marker or the length ran past the end.
+        Err(_) => Err(DecodeError::Truncated),
+    }
 }
 
 /// Decodes the MessagePack value at the start of `rest` and moves past it.

@@ -371,15 +371,37 @@ pub async fn metric(hub: &TestHub, name: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Waits (up to 30 s) until the hub's metric `name` satisfies `ok`.
-pub async fn wait_for_metric(hub: &TestHub, name: &str, ok: impl Fn(f64) -> bool) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+/// Polls `probe` until it answers `Ok`, and returns that; fails the test after [`WAIT`],
+/// saying `what` it waited for and the last `Err` it saw. Every test that waits on a condition
+/// waits through this (never a bare sleep).
+pub async fn eventually<T, E: std::fmt::Debug, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let value = metric(hub, name).await;
-        if value.is_some_and(&ok) {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{name} is {value:?}");
+        let last = match probe().await {
+            Ok(done) => return done,
+            Err(last) => last,
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}; last seen: {last:?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until the hub's metric `name` satisfies `ok`.
+pub async fn wait_for_metric(hub: &TestHub, name: &str, ok: impl Fn(f64) -> bool) {
+    eventually(&format!("{name} is as expected"), || async {
+        let value = metric(hub, name).await;
+        if value.is_some_and(&ok) {
+            Ok(())
+        } else {
+            Err(value)
+        }
+    })
+    .await;
 }
