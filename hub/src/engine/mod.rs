@@ -12,7 +12,7 @@
 //!
 //! - [`sled`]: the embedded engine (the default), a sled store with a single writer per
 //!   branch and a group committer.
-//! - [`memory`] (tests): a second engine, all in memory, proving that nothing of sled crosses
+//! - `memory` (tests): a second engine, all in memory, proving that nothing of sled crosses
 //!   the boundary.
 //! - [`sequence`]: the rules every engine applies to a publish (PROTOCOL.md §7), as a pure
 //!   state machine.

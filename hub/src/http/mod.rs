@@ -5,11 +5,11 @@
 //! bodies with the protocol's stable codes. Every handler reaches its branch through the same
 //! [`Branch`] methods as the WebSocket sessions.
 //!
-//! - [`events`]: pages of events after a position, with long polls.
-//! - [`push`]: batch pushes, each event answered on its own.
+//! - `events`: pages of events after a position, with long polls.
+//! - `push`: batch pushes, each event answered on its own.
 //! - [`snapshot`]: paged snapshots pinned to one seq.
-//! - [`admin`]: a branch's status, devices and conflicts, and resolving one.
-//! - [`ops`]: the hub's clock, readiness and metrics.
+//! - `admin`: a branch's status, devices and conflicts, and resolving one.
+//! - `ops`: the hub's clock, readiness and metrics.
 
 mod admin;
 mod events;

@@ -4,11 +4,11 @@
 //! `max_inflight_publishes` answers pending, in order), and writes: every frame it has to send
 //! is fed to the socket and flushed once per round, never per message.
 //!
-//! - [`hello`]: the first frame, checked (version, token, tenant, device, branches), and the
+//! - `hello`: the first frame, checked (version, token, tenant, device, branches), and the
 //!   closing of a session with an error frame and a close code.
-//! - [`session`]: the session loop, generic over the socket ([`Socket`]: any sink and stream
+//! - `session`: the session loop, generic over the socket ([`Socket`]: any sink and stream
 //!   of WebSocket messages, so its logic runs in tests without a network).
-//! - [`delivery`]: live batches and catch-up from the log, per followed branch.
+//! - `delivery`: live batches and catch-up from the log, per followed branch.
 //! - [`room`]: the sessions following each branch, and fan-out.
 //! - [`frames`]: frames as messages, and the live batches every follower shares.
 //!

@@ -5,7 +5,7 @@
 //! encoded once per codec, and the same bytes are offered to every member with `try_send`. A
 //! session's queue is bounded by a budget of events: a member whose session is over budget is
 //! marked lagging and gets no more live batches; its session then catches up from the log (see
-//! [`super::delivery`]). Fan-out never waits for a slow session and never grows memory for
+//! `ws::delivery`). Fan-out never waits for a slow session and never grows memory for
 //! it.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -4,7 +4,7 @@
 //! Branch writers hand [`CommitItem`]s to one dedicated thread. While it writes and flushes,
 //! new items queue up; the next round takes all of them at once, so the flush cost is shared
 //! by every event that arrived meanwhile (and the rounds one branch's writer made meanwhile
-//! are stored as one, see [`super::keys`]). Only after the write is durable does a second
+//! are stored as one, see `keys`). Only after the write is durable does a second
 //! thread, in commit order, publish each branch's new head, fan the events out to its room
 //! and run the publishers' replies, while the first writes the next round. No client ever
 //! sees an event a crash or a power cut could take back.

@@ -1,9 +1,9 @@
 //! The embedded engine: one sled store, a single writer per branch, one group committer.
 //!
 //! - [`log`]: the store ([`SledLog`], behind the [`EventLog`] seam tests wrap to inject
-//!   faults), made durable after every flush; [`keys`] is its key layout.
+//!   faults), made durable after every flush; `keys` is its key layout.
 //! - [`writer`]: a branch's single writer, driving the branch's
-//!   [`Sequencer`](crate::engine::sequence::Sequencer).
+//!   [`Sequencer`].
 //! - [`commit`]: the group committer: one atomic write and one sync for many rounds, then the
 //!   feed hears of each commit and the publishers get their answers.
 //! - `dedup`: the Bloom filter in front of the dedup index.

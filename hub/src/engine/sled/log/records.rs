@@ -91,7 +91,7 @@ pub enum Op {
 }
 
 /// A storage failure. Fatal for the write that met it: the engine stops accepting writes
-/// until it is restarted (see [`super::commit`]).
+/// until it is restarted (see the committer, `engine::sled::commit`).
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The disk failed (full, unwritable, gone): a read, write, sync or listing.
