@@ -1,5 +1,7 @@
 //! Tokens: HS256 JWTs binding tenant, branches, device and role (PROTOCOL.md §3).
 
+use std::time::Duration;
+
 use branchline_protocol::{ErrorCode, Name, Role};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 
@@ -73,17 +75,23 @@ pub struct TokenKeys {
 }
 
 impl TokenKeys {
-    /// Keys for `secret`.
+    /// Keys for `secret`, refusing tokens from the second after their expiry.
     pub fn new(secret: &[u8]) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
-        // A few seconds of clock skew between the token issuer and the hub, not a minute.
-        validation.leeway = 5;
+        validation.leeway = 0;
         validation.set_required_spec_claims(&["exp"]);
         Self {
             encoding: EncodingKey::from_secret(secret),
             decoding: DecodingKey::from_secret(secret),
             validation,
         }
+    }
+
+    /// Accepts tokens up to `leeway` (whole seconds) past their expiry, for an issuer whose
+    /// clock is ahead of the hub's.
+    pub fn with_leeway(mut self, leeway: Duration) -> Self {
+        self.validation.leeway = leeway.as_secs();
+        self
     }
 
     /// Signs `claims`.
@@ -121,8 +129,6 @@ impl TokenKeys {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     fn name(s: &str) -> Name {

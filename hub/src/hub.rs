@@ -156,7 +156,7 @@ impl Hub {
         let engine = build(feed, metrics.clone())?;
         branches.attach(engine.clone());
         Ok(Arc::new(Self {
-            keys: TokenKeys::new(secret.as_bytes()),
+            keys: TokenKeys::new(secret.as_bytes()).with_leeway(config.token_leeway),
             config,
             engine,
             branches,

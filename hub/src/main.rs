@@ -80,6 +80,10 @@ struct ServeArgs {
     /// Secret that signs tokens (HS256).
     #[arg(long, env = "BRANCHLINE_TOKEN_SECRET", hide_env_values = true)]
     token_secret: Option<String>,
+    /// How long past its expiry a token is still accepted (issuer clock skew), whole seconds,
+    /// at most 5m [default: 0s].
+    #[arg(long, env = "BRANCHLINE_TOKEN_LEEWAY", value_parser = duration)]
+    token_leeway: Option<Duration>,
     /// Store page cache, bytes [default: 256 MiB].
     #[arg(long, env = "BRANCHLINE_STORE_CACHE_BYTES")]
     store_cache_bytes: Option<u64>,
@@ -226,6 +230,7 @@ impl ServeArgs {
             self.fsync => c.fsync,
             self.min_free_space => c.min_free_space,
             self.shutdown_grace => c.shutdown_grace,
+            self.token_leeway => c.token_leeway,
         }
         if self.token_secret.is_some() {
             c.token_secret.clone_from(&self.token_secret);

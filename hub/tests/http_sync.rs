@@ -512,6 +512,22 @@ async fn server_wins_and_client_wins_settle_stale_writes_and_record_them() {
         (ConflictOutcome::ServerWon, "till-a", 1)
     );
     assert_eq!(recorded[0].server.as_ref().unwrap().version, 2);
+    // Settled by its policy when met: resolved from the start, nothing for an admin to do.
+    assert_eq!(
+        (recorded[0].status, recorded[0].resolution),
+        (ConflictStatus::Resolved, None)
+    );
+    let resp = admin
+        .post(&format!(
+            "/v1/branches/acme/b1/conflicts/{}/resolve",
+            recorded[0].id
+        ))
+        .json(&serde_json::json!({ "resolution": "server" }))
+        .send()
+        .await
+        .unwrap();
+    let problem: Problem = json(resp, 409).await;
+    assert_eq!(problem.code, ErrorCode::ConflictAlreadyResolved);
 
     let (_hub, a, admin) =
         stale_scene(ConflictPolicy::ClientWins, ConflictPolicy::ServerWins).await;

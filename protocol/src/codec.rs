@@ -11,11 +11,13 @@ use std::io::ErrorKind;
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use uuid::Uuid;
 
 use crate::error::{DecodeError, EncodeError};
 use crate::event::EventKind;
 use crate::frame::{ClientFrame, Publish, ServerFrame};
 use crate::ids::{Epoch, Name};
+use crate::msgpack;
 use crate::{SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK};
 
 /// A wire encoding.
@@ -110,17 +112,11 @@ impl Codec {
     pub fn decode<T: DeserializeOwned>(self, bytes: &[u8]) -> Result<T, DecodeError> {
         match self {
             Codec::MsgPack => {
-                let mut rest = bytes;
-                let mut de = rmp_serde::Deserializer::new(&mut rest).with_human_readable();
-                let value = T::deserialize(&mut de).map_err(from_rmp)?;
-                if rest.is_empty() {
-                    Ok(value)
-                } else {
-                    Err(DecodeError::Malformed(format!(
-                        "{} bytes after the value",
-                        rest.len()
-                    )))
-                }
+                // One value, inside the data model: what rmp-serde alone would let through
+                // (binary for strings, float32, trailing bytes) is refused first.
+                msgpack::check(bytes)?;
+                let mut de = rmp_serde::Deserializer::new(bytes).with_human_readable();
+                T::deserialize(&mut de).map_err(from_rmp)
             }
             Codec::Json => serde_json::from_slice(bytes).map_err(|e| from_json(&e)),
         }
@@ -138,6 +134,51 @@ impl Codec {
     pub fn decode_server_frame(self, bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
         self.decode(bytes)
             .map_err(|e| self.classify(bytes, &ServerFrame::TYPES, e))
+    }
+
+    /// What a frame that did not decode says about itself, read leniently: its `type`, and
+    /// the `event_id` and `branch` a `publish` is answered with, each only if it is there as
+    /// a string of the right form (a UUID sent as sixteen raw bytes names no event).
+    pub fn frame_header(self, bytes: &[u8]) -> FrameHeader {
+        let mut header = FrameHeader::default();
+        let mut take = |key: &str, value: &str| match key {
+            "type" => header.frame_type = Some(value.to_owned()),
+            "event_id" => header.event_id = Uuid::parse_str(value).ok(),
+            "branch" => header.branch = Name::new(value).ok(),
+            _ => {}
+        };
+        match self {
+            Codec::Json => {
+                if let Ok(serde_json::Value::Object(map)) =
+                    serde_json::from_slice::<serde_json::Value>(bytes)
+                {
+                    for (key, value) in &map {
+                        if let Some(value) = value.as_str() {
+                            take(key, value);
+                        }
+                    }
+                }
+            }
+            Codec::MsgPack => {
+                let mut rest = bytes;
+                let Ok(len) = rmp::decode::read_map_len(&mut rest) else {
+                    return header;
+                };
+                for _ in 0..len {
+                    let Ok((key, after_key)) = rmp::decode::read_str_from_slice(rest) else {
+                        break;
+                    };
+                    rest = after_key;
+                    if let Ok((value, after_value)) = rmp::decode::read_str_from_slice(rest) {
+                        take(key, value);
+                        rest = after_value;
+                    } else if msgpack::split_value(&mut rest).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        header
     }
 
     /// Makes an `event` frame from an [`Event`](crate::Event) encoded with this codec (as the
@@ -245,6 +286,18 @@ impl Codec {
             Err(_) => err,
         }
     }
+}
+
+/// The fields that name a frame, read from one that did not decode
+/// ([`Codec::frame_header`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// The frame's `type`.
+    pub frame_type: Option<String>,
+    /// A publish's `event_id`.
+    pub event_id: Option<Uuid>,
+    /// A publish's `branch`.
+    pub branch: Option<Name>,
 }
 
 /// Decodes one event of an HTTP batch push from its generic value, so that one malformed

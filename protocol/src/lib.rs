@@ -16,7 +16,7 @@
 //! - [`token`]: what a token's [`Claims`] say (tenant, branches, device, role).
 //! - [`error`]: stable [`ErrorCode`]s, WebSocket [`CloseCode`]s, [`DecodeError`].
 //! - [`codec`]: [`Codec`], MessagePack (default) or JSON over one API, encoding once into
-//!   shareable `Bytes`.
+//!   shareable `Bytes`; [`msgpack`]: MessagePack held to the data model.
 //!
 //! ## Data flow
 //! A till sends [`Hello`] then [`Publish`] frames; the hub sequences each event into the
@@ -41,6 +41,7 @@ pub mod frame;
 pub mod http;
 pub mod ids;
 pub mod model;
+pub mod msgpack;
 pub mod routes;
 pub mod token;
 

@@ -30,6 +30,11 @@ pub struct Config {
     /// without one unless `--dev` makes one up. At least 32 bytes are recommended.
     #[serde(skip_serializing)]
     pub token_secret: Option<String>,
+    /// How long past its `exp` a token is still accepted, for a token issuer whose clock is
+    /// ahead of the hub's. Default 0: a token is refused from the second after its expiry, as
+    /// PROTOCOL.md §3 says; at most 5 minutes.
+    #[serde(with = "humantime_serde")]
+    pub token_leeway: Duration,
     /// Memory sled may use as its page cache. Default 256 MiB: the recent part of every
     /// branch log stays in memory for replay, without crowding out connections.
     pub store_cache_bytes: u64,
@@ -64,6 +69,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7400)),
             data_dir: PathBuf::from("./data"),
             token_secret: None,
+            token_leeway: Duration::ZERO,
             store_cache_bytes: 256 << 20,
             fsync: FsyncMode::Always,
             min_free_space: ByteSize::mib(256),

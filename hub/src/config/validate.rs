@@ -23,6 +23,13 @@ impl Config {
         if let FsyncMode::Interval(d) = self.fsync {
             c.timer("fsync", "--fsync", d, false);
         }
+        c.at_most(
+            "token_leeway",
+            "--token-leeway",
+            self.token_leeway.as_secs(),
+            MAX_TOKEN_LEEWAY.as_secs(),
+            "a token must expire",
+        );
         c.timer(
             "shutdown_grace",
             "--shutdown-grace",
@@ -203,6 +210,9 @@ impl Config {
 /// Longest timer setting accepted (30 days): a longer one is a slip of the unit rather than a
 /// choice, and deadlines that far ahead can overflow the clock's arithmetic.
 pub const MAX_TIMER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The longest a token may be honoured past its expiry.
+const MAX_TOKEN_LEEWAY: Duration = Duration::from_secs(300);
 /// Smallest frame and body limit accepted (4 KiB): a `hello` with its token must fit.
 pub const MIN_FRAME_BYTES: usize = 4 << 10;
 /// Largest frame limit accepted (16 MiB): a session may have to buffer a frame this big, and

@@ -15,14 +15,14 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use branchline_protocol::http::{PushResponse, PushResult};
 use branchline_protocol::{
-    Codec, DecodeError, ErrorCode, Name, Publish, Rejected, UnixMillis, codec,
+    Codec, DecodeError, ErrorCode, Name, Publish, Rejected, UnixMillis, codec, msgpack,
 };
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use governor::clock::{Clock, DefaultClock};
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
-use serde::Deserialize;
+use rmp::decode::{read_array_len, read_map_len};
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use uuid::Uuid;
 
@@ -109,13 +109,6 @@ enum RawEvent<'a> {
     MsgPack(&'a [u8]),
 }
 
-/// Enough of an event to name it in a rejection when the rest does not decode.
-#[derive(Deserialize)]
-struct EventIdOnly {
-    #[serde(default)]
-    event_id: Option<Uuid>,
-}
-
 impl RawEvent<'_> {
     /// The event, or why it does not decode, with its id when that much is readable.
     fn decode(self) -> (Option<Uuid>, Result<Publish, DecodeError>) {
@@ -130,10 +123,7 @@ impl RawEvent<'_> {
             RawEvent::MsgPack(bytes) => match Codec::MsgPack.decode::<Publish>(bytes) {
                 Ok(publish) => (Some(publish.event_id), Ok(publish)),
                 Err(err) => {
-                    let id = Codec::MsgPack
-                        .decode::<EventIdOnly>(bytes)
-                        .ok()
-                        .and_then(|e| e.event_id);
+                    let id = Codec::MsgPack.frame_header(bytes).event_id;
                     // Within the data model, the generic form tells an unknown `kind` apart
                     // from other field errors.
                     let err = match Codec::MsgPack.decode::<serde_json::Value>(bytes) {
@@ -262,22 +252,35 @@ impl<'de> Visitor<'de> for JsonEvents {
 }
 
 /// Splits a MessagePack push body into its clock reading and the bytes of each of its first
-/// `max` events (the rest are counted and skipped), checking the whole body's syntax.
+/// `max` events (the rest are counted and skipped). Bytes that are not one MessagePack value
+/// are `malformed`; a value that is not a push request is `invalid_field`. A value outside the
+/// data model inside an event is left for that event's own decoding to refuse.
 fn msgpack_push(bytes: &[u8], max: usize) -> Result<PushParts<'_>, DecodeError> {
+    let mut whole = bytes;
+    msgpack::split_value(&mut whole)?;
+    if !whole.is_empty() {
+        return Err(DecodeError::Malformed(format!(
+            "{} bytes after the value",
+            whole.len()
+        )));
+    }
     let mut rest = bytes;
     let (mut time, mut events, mut count) = (None, None, 0);
-    for _ in 0..msgpack_header(&mut rest, Header::Map)? {
-        let key: String = msgpack_prefix(&mut rest)?;
+    let not_a_push = |what: &str| DecodeError::InvalidField(format!("a push request {what}"));
+    let entries = read_map_len(&mut rest).map_err(|_| not_a_push("must be a map"))?;
+    for _ in 0..entries {
+        let key: String = msgpack_value(&mut rest)?;
         match key.as_str() {
-            "client_time_ms" if time.is_none() => time = Some(msgpack_prefix(&mut rest)?),
+            "client_time_ms" if time.is_none() => time = Some(msgpack_value(&mut rest)?),
             "events" if events.is_none() => {
-                count = msgpack_header(&mut rest, Header::Array)?;
+                count = read_array_len(&mut rest)
+                    .map_err(|_| not_a_push("has an array of `events`"))?
+                    as usize;
                 let mut kept = Vec::with_capacity(count.min(max));
                 for i in 0..count {
-                    let start = rest;
-                    msgpack_prefix::<IgnoredAny>(&mut rest)?;
+                    let (event, _) = msgpack::split_value(&mut rest)?;
                     if i < max {
-                        kept.push(RawEvent::MsgPack(&start[..start.len() - rest.len()]));
+                        kept.push(RawEvent::MsgPack(event));
                     }
                 }
                 events = Some(kept);
@@ -288,61 +291,17 @@ fn msgpack_push(bytes: &[u8], max: usize) -> Result<PushParts<'_>, DecodeError> 
                 )));
             }
             _ => {
-                msgpack_prefix::<IgnoredAny>(&mut rest)?;
+                msgpack::split_value(&mut rest)?;
             }
         }
-    }
-    if !rest.is_empty() {
-        return Err(DecodeError::Malformed(format!(
-            "{} bytes after the value",
-            rest.len()
-        )));
     }
     Ok((time, events, count))
 }
 
-#[derive(Clone, Copy)]
-enum Header {
-    Map,
-    Array,
-}
-
-/// Reads a MessagePack map or array header and moves past it; returns its number of entries.
-fn msgpack_header(rest: &mut &[u8], want: Header) -> Result<usize, DecodeError> {
-    use rmp::decode::{ValueReadError, read_array_len, read_map_len};
-    let (read, what) = match want {
-        Header::Map => (read_map_len(rest), "a map"),
-        Header::Array => (read_array_len(rest), "an array"),
-    };
-    match read {
-        Ok(len) => Ok(len as usize),
-        Err(ValueReadError::TypeMismatch(_)) => {
-            Err(DecodeError::InvalidField(format!("expected {what}")))
-        }
-        // The marker or the length ran past the end.
-        Err(_) => Err(DecodeError::Truncated),
-    }
-}
-
 /// Decodes the MessagePack value at the start of `rest` and moves past it.
-fn msgpack_prefix<T: serde::de::DeserializeOwned>(rest: &mut &[u8]) -> Result<T, DecodeError> {
-    let mut reader = *rest;
-    let decoded = {
-        let mut de = rmp_serde::Deserializer::new(&mut reader).with_human_readable();
-        T::deserialize(&mut de)
-    };
-    match decoded {
-        Ok(value) => {
-            *rest = reader;
-            Ok(value)
-        }
-        // Decoding is deterministic: the codec fails on the same bytes the same way, and
-        // reports it with the protocol's error mapping.
-        Err(e) => Err(Codec::MsgPack
-            .decode::<T>(rest)
-            .err()
-            .unwrap_or_else(|| DecodeError::Malformed(e.to_string()))),
-    }
+fn msgpack_value<T: serde::de::DeserializeOwned>(rest: &mut &[u8]) -> Result<T, DecodeError> {
+    let (value, _) = msgpack::split_value(rest)?;
+    Codec::MsgPack.decode(value)
 }
 
 pub(super) async fn push(

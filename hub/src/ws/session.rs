@@ -509,17 +509,11 @@ impl Session {
     /// A frame that did not decode: a publish gets a `rejected` (in order with the other
     /// answers), anything else a non-fatal `error`.
     fn undecodable(&mut self, bytes: &[u8], e: &DecodeError) {
-        let value: Option<serde_json::Value> = self.codec.decode(bytes).ok();
-        let field = |name: &str| {
-            value
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(|v| v.as_str())
-        };
-        if field("type") == Some("publish") {
+        let header = self.codec.frame_header(bytes);
+        if header.frame_type.as_deref() == Some("publish") {
             let mut rejected = Rejected::bare(e.code(), e.to_string());
-            rejected.event_id = field("event_id").and_then(|s| Uuid::parse_str(s).ok());
-            rejected.branch = field("branch").and_then(|s| Name::new(s).ok());
+            rejected.event_id = header.event_id;
+            rejected.branch = header.branch;
             self.answer_later(PushResult::Rejected(rejected));
         } else {
             self.error(e.code(), e.to_string());
