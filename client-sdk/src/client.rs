@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use branchline_protocol::http::BranchStatus;
 use branchline_protocol::{
     ClientFrame, Devices, EventBody, Name, Position, ProductRecord, Publish, Role, Sku, StockLevel,
+    TokenBranches,
 };
 use futures::Stream;
 use futures::stream::BoxStream;
@@ -19,7 +20,7 @@ use crate::clock::Clock;
 use crate::engine::{COMMAND_QUEUE, Command, Engine, Shared};
 use crate::error::{Error, Result};
 use crate::http::HttpApi;
-use crate::options::{Claims, ClientOptions, Endpoints, StorePath};
+use crate::options::{self, ClientOptions, Endpoints, StorePath};
 use crate::replica::{self, BranchState};
 use crate::status::{ClientEvent, SyncStatus};
 use crate::store::{PendingEvent, QuarantinedEvent, Store};
@@ -73,7 +74,7 @@ impl Client {
             .token
             .clone()
             .ok_or_else(|| Error::Config("a token is required".into()))?;
-        let claims = Claims::from_token(&token)?;
+        let claims = options::claims(&token)?;
         if let Some(d) = &opts.device {
             if d != &claims.device {
                 return Err(Error::Config(format!(
@@ -82,11 +83,10 @@ impl Client {
                 )));
             }
         }
-        let allowed = claims.branch_list();
-        let followed = match (&opts.branches, allowed.clone()) {
+        let followed = match (&opts.branches, &claims.branches) {
             (Some(b), _) => b.clone(),
-            (None, Some(b)) => b,
-            (None, None) => {
+            (None, TokenBranches::List(b)) => b.clone(),
+            (None, TokenBranches::All) => {
                 return Err(Error::Config(
                     "the token allows every branch (\"*\"): name the branches to follow".into(),
                 ));
@@ -121,7 +121,7 @@ impl Client {
             device: claims.device,
             role: claims.role,
             followed,
-            allowed,
+            allowed: claims.branches,
             token,
             http,
             status,
@@ -228,7 +228,7 @@ impl Client {
         body.validate(base.base_seq, base.base_version)
             .map_err(|e| Error::InvalidEvent(e.0))?;
         let shared = self.shared();
-        if shared.allowed.as_ref().is_some_and(|a| !a.contains(branch)) {
+        if !shared.allowed.allows(branch) {
             return Err(Error::Config(format!(
                 "the token does not allow publishing to branch {branch}"
             )));

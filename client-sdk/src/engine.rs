@@ -12,7 +12,7 @@ use std::time::Duration;
 use branchline_protocol::http::PushResult;
 use branchline_protocol::{
     Ack, BranchStart, ClientFrame, Codec, ErrorCode, Event, Hello, Name, Ping, Position, Rejected,
-    ResyncRequired, Role, ServerFrame, StartMode, Subscription, UnixMillis, Welcome,
+    ResyncRequired, Role, ServerFrame, StartMode, Subscription, TokenBranches, UnixMillis, Welcome,
 };
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -47,8 +47,8 @@ pub(crate) struct Shared {
     pub device: Name,
     pub role: Role,
     pub followed: Vec<Name>,
-    /// The branches the token allows (`None` for all of the tenant's).
-    pub allowed: Option<Vec<Name>>,
+    /// The branches the token allows.
+    pub allowed: TokenBranches,
     /// The token for the next connection or request; handles replace it.
     pub token: Arc<RwLock<String>>,
     pub http: HttpApi,
@@ -1035,14 +1035,7 @@ impl Engine {
             Err(Error::Hub { code, message, .. }) if code.is_permanent() => {
                 let sent = self.publisher(branch).in_flight_ids();
                 if let Some(id) = sent.first() {
-                    let rejected = Rejected {
-                        event_id: Some(*id),
-                        branch: Some(branch.clone()),
-                        code,
-                        message,
-                        expected_device_seq: None,
-                        conflict: None,
-                    };
+                    let rejected = Rejected::of(*id, branch.clone(), code, message);
                     self.on_answer(branch, PushResult::Rejected(rejected))
                         .map_err(|e| lost(e, false))?;
                 }

@@ -3,9 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine;
-use branchline_protocol::{Codec, Name, Role};
-use serde::Deserialize;
+use branchline_protocol::{Claims, Codec, Name, routes};
 
 use crate::backoff::Backoff;
 use crate::client::Client;
@@ -291,7 +289,7 @@ impl Endpoints {
         }
         match scheme {
             "ws" | "http" => Ok(Self {
-                ws: format!("ws://{authority}/v1/ws"),
+                ws: format!("ws://{authority}{}", routes::WS),
                 http: format!("http://{authority}"),
             }),
             "wss" | "https" => Err(Error::Config(format!(
@@ -305,34 +303,10 @@ impl Endpoints {
     }
 }
 
-/// The claims of a token, read without checking the signature (the hub checks it): the
-/// client only needs to know its tenant, device and branches.
-#[derive(Clone, Debug, Deserialize)]
-pub(crate) struct Claims {
-    pub tenant: Name,
-    pub device: Name,
-    pub role: Role,
-    /// A list of names, or `"*"` for every branch of the tenant.
-    pub branches: serde_json::Value,
-}
-
-impl Claims {
-    pub fn from_token(token: &str) -> Result<Self> {
-        let payload = token
-            .split('.')
-            .nth(1)
-            .ok_or_else(|| Error::Config("the token is not a JWT".into()))?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload.trim_end_matches('='))
-            .map_err(|e| Error::Config(format!("the token's claims are not base64url: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Config(format!("the token's claims do not read: {e}")))
-    }
-
-    /// The branches the token names (`None` for `"*"`).
-    pub fn branch_list(&self) -> Option<Vec<Name>> {
-        serde_json::from_value(self.branches.clone()).ok()
-    }
+/// The claims of `token`, read without checking its signature (the hub checks it): the
+/// client only needs its tenant, device, role and branches.
+pub(crate) fn claims(token: &str) -> Result<Claims> {
+    Claims::read_unverified(token).map_err(|e| Error::Config(e.to_string()))
 }
 
 #[cfg(test)]
@@ -362,22 +336,26 @@ mod tests {
 
     #[test]
     fn claims_are_read_from_the_token_payload() {
+        use base64::Engine;
+        use branchline_protocol::TokenBranches;
+
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
             br#"{"tenant":"acme","branches":["berlin-01"],"device":"till-1","role":"cashier","exp":1,"iat":0}"#,
         );
-        let c = Claims::from_token(&format!("h.{payload}.s")).unwrap();
+        let c = claims(&format!("h.{payload}.s")).unwrap();
         assert_eq!(c.tenant.as_str(), "acme");
         assert_eq!(c.device.as_str(), "till-1");
-        assert_eq!(c.branch_list().unwrap()[0].as_str(), "berlin-01");
+        match &c.branches {
+            TokenBranches::List(list) => assert_eq!(list[0].as_str(), "berlin-01"),
+            TokenBranches::All => panic!("a list of branches read as \"*\""),
+        }
         let star = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
             br#"{"tenant":"acme","branches":"*","device":"a","role":"admin","exp":1,"iat":0}"#,
         );
-        assert!(
-            Claims::from_token(&format!("h.{star}.s"))
-                .unwrap()
-                .branch_list()
-                .is_none()
+        assert_eq!(
+            claims(&format!("h.{star}.s")).unwrap().branches,
+            TokenBranches::All
         );
-        assert!(Claims::from_token("garbage").is_err());
+        assert!(matches!(claims("garbage"), Err(Error::Config(_))));
     }
 }
