@@ -1,6 +1,6 @@
 //! [`Client`]: the cheap, clonable handle an app holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::engine::{COMMAND_QUEUE, Command, Engine, Shared};
+use crate::engine::{COMMAND_QUEUE, Command, Connector, Downloads, Shared};
 use crate::error::{Error, Result};
 use crate::http::HttpApi;
 use crate::options::{self, ClientOptions, Endpoints, StorePath};
@@ -128,12 +128,11 @@ impl Client {
             notices,
             outbox_changed: Notify::new(),
             clock,
-            downloads: Mutex::new(HashMap::new()),
+            downloads: Downloads::default(),
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (log_tx, log_rx) = watch::channel(shared.store.log_end());
-        let engine = Engine::new(Arc::clone(&shared), cmd_rx, log_tx);
-        let task = tokio::spawn(engine.run());
+        let task = tokio::spawn(Connector::new(Arc::clone(&shared), cmd_rx, log_tx).run());
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,

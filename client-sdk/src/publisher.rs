@@ -109,11 +109,6 @@ impl Publisher {
         self.inflight.iter().any(|f| f.event_id == event_id)
     }
 
-    /// The events awaiting an answer, in send order.
-    pub fn in_flight_ids(&self) -> Vec<Uuid> {
-        self.inflight.iter().map(|f| f.event_id).collect()
-    }
-
     /// Events in flight.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
