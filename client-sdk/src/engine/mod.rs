@@ -24,6 +24,8 @@ mod connector;
 mod handler;
 mod shared;
 mod snapshot;
+#[cfg(test)]
+mod tests;
 mod transport;
 
 pub(crate) use connector::Connector;
