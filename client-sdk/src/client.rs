@@ -67,8 +67,21 @@ pub async fn connect(url: &str, token: impl Into<String>) -> Result<Client> {
     ClientOptions::new().token(token).connect(url).await
 }
 
+impl ClientOptions {
+    /// Opens the store and starts the background task. `url` is the hub's address:
+    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`. `https://` and
+    /// `wss://` are refused: the SDK is built without TLS (terminate TLS in front of the
+    /// hub, or on a local proxy the till talks plain HTTP to).
+    ///
+    /// Returns at once, even offline: connecting happens in the background. Fails only for
+    /// bad settings or a store that cannot be opened.
+    pub async fn connect(self, url: &str) -> Result<Client> {
+        Client::start(self, url).await
+    }
+}
+
 impl Client {
-    pub(crate) async fn start(opts: ClientOptions, url: &str) -> Result<Self> {
+    async fn start(opts: ClientOptions, url: &str) -> Result<Self> {
         let endpoints = Endpoints::parse(url)?;
         let token = opts
             .token

@@ -1,4 +1,5 @@
-//! [`ClientOptions`]: every setting with its default, then [`ClientOptions::connect`].
+//! [`ClientOptions`]: every setting with its default; [`ClientOptions::connect`] (in
+//! `client`, beside what it starts) opens the client.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -6,7 +7,6 @@ use std::time::Duration;
 use branchline_protocol::{Claims, Codec, Name, routes};
 
 use crate::backoff::Backoff;
-use crate::client::Client;
 use crate::error::{Error, Result};
 
 /// Which transports the client may use.
@@ -34,6 +34,8 @@ pub enum StorePath {
 }
 
 /// Settings for a [`Client`]. `ClientOptions::new().token(t).store(dir).connect(url)`.
+///
+/// [`Client`]: crate::Client
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub(crate) token: Option<String>,
@@ -214,6 +216,8 @@ impl ClientOptions {
 
     /// How many updates the local log keeps for [`Client::events`] streams that fall behind.
     /// Default 10,000.
+    ///
+    /// [`Client::events`]: crate::Client::events
     pub fn local_log_capacity(mut self, n: u64) -> Self {
         self.local_log_capacity = n.max(1);
         self
@@ -231,6 +235,8 @@ impl ClientOptions {
     /// not survive a power cut). Default true: a returned publish survives a crash and a
     /// power cut. False returns after the in-memory write, and sled flushes within 500 ms:
     /// faster, but a crash can lose the last half second of sales, and a power cut more.
+    ///
+    /// [`Client::publish`]: crate::Client::publish
     pub fn durable_publish(mut self, durable: bool) -> Self {
         self.durable_publish = durable;
         self
@@ -245,6 +251,8 @@ impl ClientOptions {
     /// with a larger limit; an event over the hub's limit that reaches the outbox anyway is
     /// quarantined `message_too_big` before it is sent over a WebSocket (the hub announces
     /// its limit in `welcome`, and would close the session on the frame).
+    ///
+    /// [`Client::publish`]: crate::Client::publish
     pub fn max_event_bytes(mut self, n: usize) -> Self {
         self.max_event_bytes = n;
         self
@@ -254,17 +262,6 @@ impl ClientOptions {
     pub fn agent(mut self, agent: impl Into<String>) -> Self {
         self.agent = agent.into();
         self
-    }
-
-    /// Opens the store and starts the background task. `url` is the hub's address:
-    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`. `https://` and
-    /// `wss://` are refused: the SDK is built without TLS (terminate TLS in front of the
-    /// hub, or on a local proxy the till talks plain HTTP to).
-    ///
-    /// Returns at once, even offline: connecting happens in the background. Fails only for
-    /// bad settings or a store that cannot be opened.
-    pub async fn connect(self, url: &str) -> Result<Client> {
-        Client::start(self, url).await
     }
 }
 

@@ -6,14 +6,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use branchline_protocol::Name;
 use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::sleep;
 
 use super::handler::{End, Handler};
 use super::shared::{Command, Commands, Reply, Shared, Wake};
-use super::transport::{Network, Opening, Remote, Transport};
+use super::snapshot::{self, SnapshotFuture};
+use super::transport::polling::Polling;
+use super::transport::{Opening, Remote, Transport, websocket};
 use crate::backoff::jitter;
+use crate::error::Result;
 use crate::options;
 use crate::status::{ClientEvent, SyncState};
 
@@ -186,4 +190,21 @@ fn probe(remote: Arc<dyn Remote>, every: Duration) -> Opening {
         }
     }
     .boxed()
+}
+
+/// The hub over the network.
+struct Network(Arc<Shared>);
+
+impl Remote for Network {
+    fn websocket(&self) -> Opening {
+        websocket::open(Arc::clone(&self.0))
+    }
+
+    fn polling(&self) -> Result<Box<dyn Transport>> {
+        Ok(Box::new(Polling::start(Arc::clone(&self.0))?))
+    }
+
+    fn snapshot(&self, branch: Name) -> SnapshotFuture {
+        snapshot::download(Arc::clone(&self.0), branch)
+    }
 }

@@ -31,7 +31,7 @@ use crate::status::{ClientEvent, SyncState};
 /// never opened.
 ///
 /// [`ClientOptions::websocket_failures_before_polling`]: crate::ClientOptions::websocket_failures_before_polling
-pub(crate) const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 
 /// How a connection ended.
 pub(crate) enum End {
@@ -46,6 +46,7 @@ pub(crate) enum End {
 }
 
 impl End {
+    /// Lost, for `e`.
     pub fn lost(e: impl std::fmt::Display, lived: bool) -> Self {
         End::Lost {
             reason: e.to_string(),

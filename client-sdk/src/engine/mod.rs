@@ -29,5 +29,4 @@ mod tests;
 mod transport;
 
 pub(crate) use connector::Connector;
-pub(crate) use shared::{COMMAND_QUEUE, Command, Shared};
-pub(crate) use snapshot::Downloads;
+pub(crate) use shared::{COMMAND_QUEUE, Command, Downloads, Shared};

@@ -1,13 +1,13 @@
 //! What the handles and the background task share, and the commands handles send it.
 
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
-use branchline_protocol::{Name, Role, TokenBranches};
+use branchline_protocol::{Epoch, Name, Role, TokenBranches};
 use tokio::sync::{Notify, broadcast, mpsc, oneshot, watch};
 
-use super::snapshot::Downloads;
 use crate::clock::Clock;
-use crate::http::HttpApi;
+use crate::http::{HttpApi, Snapshot};
 use crate::options::{ClientOptions, Endpoints};
 use crate::status::{ClientEvent, SyncStatus};
 use crate::store::Store;
@@ -38,8 +38,6 @@ pub(crate) struct Shared {
     pub notices: broadcast::Sender<ClientEvent>,
     pub outbox_changed: Notify,
     pub clock: Clock,
-    /// Snapshot downloads in progress. Kept here rather than in the download futures
-    /// (which die with their connection) so that a download resumes from its last page.
     pub downloads: Downloads,
 }
 
@@ -54,6 +52,37 @@ impl Shared {
             .read()
             .map(|t| t.clone())
             .unwrap_or_else(|p| p.into_inner().clone())
+    }
+}
+
+/// Snapshot downloads in progress, by branch. Outside the download futures, which die with
+/// their connection, so that a download resumes from its last page token after a cut
+/// instead of starting over (PROTOCOL.md §11: a token is good for 10 minutes). A std mutex:
+/// held only to read or add a page, never across an `.await`.
+#[derive(Default)]
+pub(crate) struct Downloads(Mutex<HashMap<Name, Snapshot>>);
+
+impl Downloads {
+    /// Runs `f` on the download of `branch`, started empty if there is none.
+    pub fn with<T>(&self, branch: &Name, f: impl FnOnce(&mut Snapshot) -> T) -> T {
+        let mut downloads = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(downloads.entry(branch.clone()).or_default())
+    }
+
+    /// Ends the download of `branch`, returning what it has.
+    pub fn take(&self, branch: &Name) -> Option<Snapshot> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(branch)
+    }
+
+    /// Drops a half-done download of `branch` pinned in another epoch than `epoch`: it is
+    /// of no use any more.
+    pub fn forget_other_epoch(&self, branch: &Name, epoch: Epoch) {
+        if self.with(branch, |d| d.position.is_some_and(|p| p.epoch != epoch)) {
+            self.take(branch);
+        }
     }
 }
 

@@ -1,10 +1,9 @@
 //! Snapshot downloads (PROTOCOL.md §11): a branch the hub cannot resume is rebuilt from a
 //! paged snapshot, held in memory until complete.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use branchline_protocol::{Epoch, ErrorCode, Name};
+use branchline_protocol::{ErrorCode, Name};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::time::sleep;
@@ -16,35 +15,6 @@ use crate::status::{ClientEvent, SnapshotProgress, SyncState};
 
 /// A whole snapshot of a branch, or the error (a refused token) that stopped it.
 pub(crate) type SnapshotFuture = BoxFuture<'static, (Name, Result<Snapshot>)>;
-
-/// Snapshot downloads in progress, by branch. Outside the download futures, which die with
-/// their connection, so that a download resumes from its last page token after a cut
-/// instead of starting over (PROTOCOL.md §11: a token is good for 10 minutes). A std mutex:
-/// held only to read or add a page, never across an `.await`.
-#[derive(Default)]
-pub(crate) struct Downloads(Mutex<HashMap<Name, Snapshot>>);
-
-impl Downloads {
-    fn with<T>(&self, branch: &Name, f: impl FnOnce(&mut Snapshot) -> T) -> T {
-        let mut downloads = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        f(downloads.entry(branch.clone()).or_default())
-    }
-
-    fn take(&self, branch: &Name) -> Option<Snapshot> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(branch)
-    }
-
-    /// Drops a half-done download of `branch` pinned in another epoch than `epoch`: it is
-    /// of no use any more.
-    pub fn forget_other_epoch(&self, branch: &Name, epoch: Epoch) {
-        if self.with(branch, |d| d.position.is_some_and(|p| p.epoch != epoch)) {
-            self.take(branch);
-        }
-    }
-}
 
 /// Downloads a whole snapshot, retrying network failures with backoff; progress goes to the
 /// status watch. Pages are added to the branch's entry in [`Shared::downloads`] as they

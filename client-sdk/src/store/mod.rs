@@ -275,9 +275,7 @@ impl Store {
         Ok((
             self.confirmed_product(branch, sku)?,
             self.confirmed_stock(branch, sku)?,
-            inner
-                .outbox
-                .pending(branch, |e| crate::replica::touches(e, sku)),
+            inner.outbox.pending(branch, |e| e.touches(sku)),
         ))
     }
 

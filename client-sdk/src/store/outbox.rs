@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use branchline_protocol::{EventBody, Name, Position, Publish, UnixMillis, now_ms};
+use branchline_protocol::{EventBody, Name, Position, Publish, Sku, UnixMillis, now_ms};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -73,6 +73,14 @@ impl PendingEvent {
     /// The entry's place in the outbox (publish order), stable across renumbering.
     pub(crate) fn order(&self) -> u64 {
         self.order
+    }
+
+    /// Whether it touches `sku` (for single-SKU reads).
+    pub(crate) fn touches(&self, sku: &Sku) -> bool {
+        match &self.body {
+            EventBody::SaleRecorded(s) => s.lines.iter().any(|l| &l.sku == sku),
+            other => other.sku() == Some(sku),
+        }
     }
 
     /// The `publish` frame (or batch push element) for this event.

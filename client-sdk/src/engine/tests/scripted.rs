@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::clock::Clock;
 use crate::engine::connector::Connector;
-use crate::engine::shared::{COMMAND_QUEUE, Command, Shared};
-use crate::engine::snapshot::{Downloads, SnapshotFuture};
+use crate::engine::shared::{COMMAND_QUEUE, Command, Downloads, Shared};
+use crate::engine::snapshot::SnapshotFuture;
 use crate::engine::transport::{Input, Opening, Remote, Room, Transport};
 use crate::error::{Error, Result};
 use crate::http::{HttpApi, Snapshot};

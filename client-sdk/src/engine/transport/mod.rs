@@ -7,12 +7,11 @@
 //! - [`polling`]: HTTP long polls per branch and one batch push at a time.
 //!
 //! [`Remote`] is how the engine reaches the hub: open either transport, download a
-//! snapshot. [`Network`] is the real one; tests put a scripted hub in its place.
+//! snapshot. The connector's `Network` is the real one; tests put a scripted hub in its
+//! place.
 
-mod polling;
-mod websocket;
-
-use std::sync::Arc;
+pub(super) mod polling;
+pub(super) mod websocket;
 
 use branchline_protocol::http::PushResult;
 use branchline_protocol::{
@@ -20,8 +19,7 @@ use branchline_protocol::{
 };
 use futures::future::BoxFuture;
 
-use super::shared::Shared;
-use super::snapshot::{self, SnapshotFuture};
+use super::snapshot::SnapshotFuture;
 use crate::error::{Error, Result};
 use crate::publisher::FrameLimit;
 use crate::status::{ClientEvent, SyncState};
@@ -139,23 +137,6 @@ pub(crate) trait Remote: Send + Sync {
 
     /// Downloads the snapshot of `branch`.
     fn snapshot(&self, branch: Name) -> SnapshotFuture;
-}
-
-/// The hub over the network.
-pub(crate) struct Network(pub Arc<Shared>);
-
-impl Remote for Network {
-    fn websocket(&self) -> Opening {
-        websocket::open(Arc::clone(&self.0))
-    }
-
-    fn polling(&self) -> Result<Box<dyn Transport>> {
-        Ok(Box::new(polling::Polling::start(Arc::clone(&self.0))?))
-    }
-
-    fn snapshot(&self, branch: Name) -> SnapshotFuture {
-        snapshot::download(Arc::clone(&self.0), branch)
-    }
 }
 
 /// Awaits an optional future, for `select!` arms guarded by `is_some()`.

@@ -41,7 +41,7 @@ struct Delivered {
 }
 
 /// HTTP polling of every followed branch.
-pub(super) struct Polling {
+pub(crate) struct Polling {
     shared: Arc<Shared>,
     http: HttpApi,
     polls: FuturesUnordered<PollFuture>,

@@ -27,7 +27,7 @@ use crate::ws::{self, FrameSink, FrameStream};
 /// Connects, says hello (resuming every followed branch with a position) and waits for
 /// `welcome`, all within the connect timeout. A free future, so that the connector can
 /// run it while it serves commands, and as the probe while polling.
-pub(super) fn open(shared: Arc<Shared>) -> Opening {
+pub(crate) fn open(shared: Arc<Shared>) -> Opening {
     async move {
         let limit = shared.opts.connect_timeout;
         timeout(limit, handshake(&shared))
