@@ -35,7 +35,7 @@ mod outbox;
 mod quarantine;
 mod replica;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::HashSet;
 use std::path::Path;

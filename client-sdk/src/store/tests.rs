@@ -9,7 +9,9 @@ fn sku(s: &str) -> Sku {
     Sku::new(s).unwrap()
 }
 
-fn event(epoch: u64, seq: u64, stock: &[(&str, i64)], id: Uuid) -> Event {
+/// An event of `b1` at `(epoch, seq)` whose effect sets the stock levels given. The engine's
+/// tests use it too.
+pub(crate) fn event(epoch: u64, seq: u64, stock: &[(&str, i64)], id: Uuid) -> Event {
     Event {
         branch: b(),
         epoch: Epoch(epoch),

@@ -7,8 +7,7 @@ mod scripted;
 use std::time::Duration;
 
 use branchline_protocol::{
-    Custom, Effect, Epoch, ErrorCode, Event, EventBody, Name, Position, ResyncReason,
-    ResyncRequired, Sku, StockLevel,
+    Epoch, ErrorCode, Position, ResyncReason, ResyncRequired, Sku, StockLevel,
 };
 use tokio::time::sleep;
 use uuid::Uuid;
@@ -21,6 +20,7 @@ use crate::error::Error;
 use crate::http::Snapshot;
 use crate::options;
 use crate::status::{ClientEvent, SyncState};
+use crate::store::tests::event;
 
 #[tokio::test(start_paused = true)]
 async fn reconnects_wait_the_backoff_curve_and_a_session_that_lived_starts_it_over() {
@@ -256,36 +256,14 @@ async fn a_refused_token_waits_for_a_new_one_and_is_then_tried_at_once() {
     engine.stop().await;
 }
 
-/// An event of `b1` at `(7, seq)` that changes nothing.
-fn event(seq: u64) -> Event {
-    Event {
-        branch: branch(),
-        epoch: Epoch(7),
-        seq,
-        event_id: Uuid::now_v7(),
-        device: Name::new("till-2").unwrap(),
-        device_seq: seq,
-        client_time_ms: 0,
-        server_time_ms: 0,
-        base_seq: None,
-        base_version: None,
-        body: EventBody::Custom(Custom {
-            custom_type: "t".into(),
-            data: serde_json::Value::Null,
-        }),
-        effect: Effect {
-            stock: Vec::new(),
-            product: None,
-            conflict: None,
-        },
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_gap_drops_a_socket_but_polling_asks_again_from_the_stored_position() {
     let gap = |seqs: &[u64]| Input::Events {
         branch: branch(),
-        events: seqs.iter().map(|s| event(*s)).collect(),
+        events: seqs
+            .iter()
+            .map(|s| event(7, *s, &[], Uuid::now_v7()))
+            .collect(),
         head: None,
     };
     let opts = opts().transport(options::Transport::WebSocketOnly);
