@@ -106,9 +106,9 @@ pub(crate) trait Transport: Send {
     /// comes first.
     fn next(&mut self) -> BoxFuture<'_, Input>;
 
-    /// Events of `branch` were applied (or skipped, for a run that broke off): the
-    /// replica is at `position`. Whether the branch is now caught up, which the app has
-    /// not heard yet.
+    /// A run of `branch`'s events was applied, as far as it followed the stored position:
+    /// the replica is at `position`. Returns whether the branch is now caught up and the
+    /// app has not heard so yet.
     fn applied(&mut self, branch: &Name, position: Position) -> bool;
 
     /// Follows `branch` from `position`, where a snapshot left it.
