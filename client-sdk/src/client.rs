@@ -1,6 +1,6 @@
 //! [`Client`]: the cheap, clonable handle an app holds.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
@@ -8,6 +8,7 @@ use std::task::{Context, Poll};
 use branchline_protocol::http::BranchStatus;
 use branchline_protocol::{
     ClientFrame, Devices, EventBody, Name, Position, ProductRecord, Publish, Role, Sku, StockLevel,
+    TokenBranches,
 };
 use futures::Stream;
 use futures::stream::BoxStream;
@@ -16,10 +17,10 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use crate::clock::Clock;
-use crate::engine::{COMMAND_QUEUE, Command, Engine, Shared};
+use crate::engine::{COMMAND_QUEUE, Command, Connector, Downloads, Shared};
 use crate::error::{Error, Result};
 use crate::http::HttpApi;
-use crate::options::{Claims, ClientOptions, Endpoints, StorePath};
+use crate::options::{self, ClientOptions, Endpoints, StorePath};
 use crate::replica::{self, BranchState};
 use crate::status::{ClientEvent, SyncStatus};
 use crate::store::{PendingEvent, QuarantinedEvent, Store};
@@ -66,14 +67,27 @@ pub async fn connect(url: &str, token: impl Into<String>) -> Result<Client> {
     ClientOptions::new().token(token).connect(url).await
 }
 
+impl ClientOptions {
+    /// Opens the store and starts the background task. `url` is the hub's address:
+    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`. `https://` and
+    /// `wss://` are refused: the SDK is built without TLS (terminate TLS in front of the
+    /// hub, or on a local proxy the till talks plain HTTP to).
+    ///
+    /// Returns at once, even offline: connecting happens in the background. Fails only for
+    /// bad settings or a store that cannot be opened.
+    pub async fn connect(self, url: &str) -> Result<Client> {
+        Client::start(self, url).await
+    }
+}
+
 impl Client {
-    pub(crate) async fn start(opts: ClientOptions, url: &str) -> Result<Self> {
+    async fn start(opts: ClientOptions, url: &str) -> Result<Self> {
         let endpoints = Endpoints::parse(url)?;
         let token = opts
             .token
             .clone()
             .ok_or_else(|| Error::Config("a token is required".into()))?;
-        let claims = Claims::from_token(&token)?;
+        let claims = options::claims(&token)?;
         if let Some(d) = &opts.device {
             if d != &claims.device {
                 return Err(Error::Config(format!(
@@ -82,11 +96,10 @@ impl Client {
                 )));
             }
         }
-        let allowed = claims.branch_list();
-        let followed = match (&opts.branches, allowed.clone()) {
+        let followed = match (&opts.branches, &claims.branches) {
             (Some(b), _) => b.clone(),
-            (None, Some(b)) => b,
-            (None, None) => {
+            (None, TokenBranches::List(b)) => b.clone(),
+            (None, TokenBranches::All) => {
                 return Err(Error::Config(
                     "the token allows every branch (\"*\"): name the branches to follow".into(),
                 ));
@@ -121,19 +134,18 @@ impl Client {
             device: claims.device,
             role: claims.role,
             followed,
-            allowed,
+            allowed: claims.branches,
             token,
             http,
             status,
             notices,
             outbox_changed: Notify::new(),
             clock,
-            downloads: Mutex::new(HashMap::new()),
+            downloads: Downloads::default(),
         });
         let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
         let (log_tx, log_rx) = watch::channel(shared.store.log_end());
-        let engine = Engine::new(Arc::clone(&shared), cmd_rx, log_tx);
-        let task = tokio::spawn(engine.run());
+        let task = tokio::spawn(Connector::new(Arc::clone(&shared), cmd_rx, log_tx).run());
         Ok(Self {
             inner: Arc::new(Inner {
                 shared,
@@ -228,7 +240,7 @@ impl Client {
         body.validate(base.base_seq, base.base_version)
             .map_err(|e| Error::InvalidEvent(e.0))?;
         let shared = self.shared();
-        if shared.allowed.as_ref().is_some_and(|a| !a.contains(branch)) {
+        if !shared.allowed.allows(branch) {
             return Err(Error::Config(format!(
                 "the token does not allow publishing to branch {branch}"
             )));

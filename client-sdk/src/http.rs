@@ -9,7 +9,7 @@ use branchline_protocol::http::{
 };
 use branchline_protocol::{
     Codec, Devices, ErrorCode, Name, Position, ProductRecord, Publish, ResyncRequired, StockLevel,
-    UnixMillis,
+    UnixMillis, routes,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -106,8 +106,13 @@ impl HttpApi {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    fn branch_url(&self, branch: &Name, rest: &str) -> String {
-        format!("{}/v1/branches/{}/{}{rest}", self.base, self.tenant, branch)
+    /// The URL of `route` (one of [`routes`]' branch routes) for `branch`.
+    fn branch_url(&self, route: &str, branch: &Name) -> String {
+        format!(
+            "{}{}",
+            self.base,
+            routes::branch_path(route, &self.tenant, branch)
+        )
     }
 
     async fn send<T: DeserializeOwned>(
@@ -154,7 +159,7 @@ impl HttpApi {
         let sent = branchline_protocol::now_ms();
         let t: TimeResponse = self
             .send(
-                self.client.get(format!("{}/v1/time", self.base)),
+                self.client.get(format!("{}{}", self.base, routes::TIME)),
                 Duration::ZERO,
             )
             .await?;
@@ -172,7 +177,7 @@ impl HttpApi {
         let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let req = self
             .client
-            .get(self.branch_url(branch, "/events"))
+            .get(self.branch_url(routes::EVENTS, branch))
             .bearer_auth(self.token())
             .query(&[
                 ("epoch", from.epoch.to_string()),
@@ -200,7 +205,7 @@ impl HttpApi {
         };
         let req = self
             .client
-            .post(self.branch_url(branch, "/events"))
+            .post(self.branch_url(routes::EVENTS, branch))
             .bearer_auth(self.token());
         let req = self.encode_body(req, &body)?;
         self.send(req, Duration::from_secs(10)).await
@@ -219,7 +224,7 @@ impl HttpApi {
         }
         let req = self
             .client
-            .get(self.branch_url(branch, "/snapshot"))
+            .get(self.branch_url(routes::SNAPSHOT, branch))
             .bearer_auth(self.token())
             .query(&query);
         self.send(req, Duration::from_secs(10)).await
@@ -229,7 +234,7 @@ impl HttpApi {
     pub async fn branch_status(&self, branch: &Name) -> Result<BranchStatus> {
         let req = self
             .client
-            .get(self.branch_url(branch, ""))
+            .get(self.branch_url(routes::BRANCH, branch))
             .bearer_auth(self.token());
         self.send(req, Duration::ZERO).await
     }
@@ -238,7 +243,7 @@ impl HttpApi {
     pub async fn devices(&self, branch: &Name) -> Result<Devices> {
         let req = self
             .client
-            .get(self.branch_url(branch, "/devices"))
+            .get(self.branch_url(routes::DEVICES, branch))
             .bearer_auth(self.token());
         self.send(req, Duration::ZERO).await
     }

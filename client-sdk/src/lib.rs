@@ -69,29 +69,46 @@
 //!
 //! ## Map
 //! - [`ClientOptions`] (`options`): every setting with its default; [`connect`] is the
-//!   shorthand.
+//!   shorthand. The token's claims are read with [`protocol::Claims`].
 //! - [`Client`] (`client`): the cheap, clonable handle. Publishing writes the local store
 //!   directly (under a short mutex) and wakes the background task; everything else reads the
 //!   store or talks to the task over channels.
-//! - `engine`: the one background task that owns the transport. WebSocket sessions
-//!   (`ws`) resume every followed branch from its stored position; after
-//!   [`ClientOptions::websocket_failures_before_polling`] failures it switches to HTTP
-//!   long polling and batch push (`http`) and probes the socket to go back.
+//! - `engine`: the one background task that owns the connection, in the parts async-nats
+//!   has:
+//!   - `engine::connector`: which transport, and what follows the end of a connection. A
+//!     WebSocket first; after [`ClientOptions::websocket_failures_before_polling`] sessions
+//!     that could not be held, HTTP polling, probing the socket to go back. Backs off between
+//!     attempts ([`Backoff`]) and waits for a new token after a refusal.
+//!   - `engine::handler`: the one loop that serves a connection, whichever transport: it
+//!     applies what arrives, hands the outbox to the transport, snapshots the branches that
+//!     must resync and keeps the status.
+//!   - `engine::transport`: the `Transport` trait the handler drives, and its two
+//!     implementations: `websocket` (a session: frames over `ws`, pipelined publishes, acks,
+//!     pings) and `polling` (long polls per branch and batch pushes over `http`, the hub's
+//!     HTTP API). Both resume every followed branch from its stored position.
+//!   - `engine::apply`: sequenced events and snapshots into the store; updates out to the
+//!     event streams.
+//!   - `engine::snapshot`: paged snapshot downloads that resume after a cut.
 //! - `publisher`: drains one branch's outbox as a pipelined window, handles the hub's answers
 //!   (quarantine, renumbering, backoff) the same way for both transports.
-//! - `store`: sled, one tree, key prefixes: outbox, quarantine, `device_seq` counters,
-//!   positions, the replica and a local log of applied updates. An applied event moves the
-//!   position, the replica, the local log and retires its outbox entry in one atomic batch.
+//! - `store`: sled, one tree, key prefixes, a module per part: `outbox` (with the
+//!   `device_seq` counters), `quarantine`, `replica` (positions and the confirmed state) and
+//!   `log` (the local log of applied updates). A change that crosses parts is one atomic
+//!   batch: an applied event moves the position, the replica, the local log and retires its
+//!   outbox entry together.
 //! - [`replica`]: read-your-writes overlay of pending events on the confirmed replica.
 //! - [`status`]: [`SyncStatus`] (a `watch`) and [`ClientEvent`] notifications.
 //! - [`Backoff`]: pluggable retry delays; capped exponential with full jitter by default.
 //! - `clock`: device-to-hub clock offset, used to stamp events.
+//! - [`protocol`]: the wire contract, shared with the hub: frames, token claims, routes.
 //!
 //! ## Data flow
-//! `publish` → outbox (sled, synced) → task marks the entry sent (synced) and sends
-//! `publish` frames (or a batch push) → `accepted` marks the entry; the sequenced `event`
-//! arrives → applied to the replica by its `effect` and the position advanced, atomically →
-//! appended to the local log → [`Client::events`] streams yield it.
+//! `publish` → outbox (sled, synced) → the handler takes a window of it from the branch's
+//! publisher, which marks the entries sent → the transport syncs the marks and sends
+//! `publish` frames (or a batch push) → the hub's answers come back as inputs: `accepted`
+//! marks the entry → the sequenced `event` comes back as an input → `apply` writes it to the
+//! replica by its `effect`, advances the position, appends it to the local log and retires
+//! its outbox entry, atomically → [`Client::events`] streams yield it.
 //!
 //! ## Guarantees and limits
 //! - **Nothing lost**: `publish` returns after the outbox write is on stable storage —

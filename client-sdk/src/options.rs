@@ -1,14 +1,12 @@
-//! [`ClientOptions`]: every setting with its default, then [`ClientOptions::connect`].
+//! [`ClientOptions`]: every setting with its default; [`ClientOptions::connect`] (in
+//! `client`, beside what it starts) opens the client.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use base64::Engine;
-use branchline_protocol::{Codec, Name, Role};
-use serde::Deserialize;
+use branchline_protocol::{Claims, Codec, Name, routes};
 
 use crate::backoff::Backoff;
-use crate::client::Client;
 use crate::error::{Error, Result};
 
 /// Which transports the client may use.
@@ -36,6 +34,8 @@ pub enum StorePath {
 }
 
 /// Settings for a [`Client`]. `ClientOptions::new().token(t).store(dir).connect(url)`.
+///
+/// [`Client`]: crate::Client
 #[derive(Clone, Debug)]
 pub struct ClientOptions {
     pub(crate) token: Option<String>,
@@ -216,6 +216,8 @@ impl ClientOptions {
 
     /// How many updates the local log keeps for [`Client::events`] streams that fall behind.
     /// Default 10,000.
+    ///
+    /// [`Client::events`]: crate::Client::events
     pub fn local_log_capacity(mut self, n: u64) -> Self {
         self.local_log_capacity = n.max(1);
         self
@@ -233,6 +235,8 @@ impl ClientOptions {
     /// not survive a power cut). Default true: a returned publish survives a crash and a
     /// power cut. False returns after the in-memory write, and sled flushes within 500 ms:
     /// faster, but a crash can lose the last half second of sales, and a power cut more.
+    ///
+    /// [`Client::publish`]: crate::Client::publish
     pub fn durable_publish(mut self, durable: bool) -> Self {
         self.durable_publish = durable;
         self
@@ -247,6 +251,8 @@ impl ClientOptions {
     /// with a larger limit; an event over the hub's limit that reaches the outbox anyway is
     /// quarantined `message_too_big` before it is sent over a WebSocket (the hub announces
     /// its limit in `welcome`, and would close the session on the frame).
+    ///
+    /// [`Client::publish`]: crate::Client::publish
     pub fn max_event_bytes(mut self, n: usize) -> Self {
         self.max_event_bytes = n;
         self
@@ -256,17 +262,6 @@ impl ClientOptions {
     pub fn agent(mut self, agent: impl Into<String>) -> Self {
         self.agent = agent.into();
         self
-    }
-
-    /// Opens the store and starts the background task. `url` is the hub's address:
-    /// `http://host:port` or its WebSocket endpoint `ws://host:port/v1/ws`. `https://` and
-    /// `wss://` are refused: the SDK is built without TLS (terminate TLS in front of the
-    /// hub, or on a local proxy the till talks plain HTTP to).
-    ///
-    /// Returns at once, even offline: connecting happens in the background. Fails only for
-    /// bad settings or a store that cannot be opened.
-    pub async fn connect(self, url: &str) -> Result<Client> {
-        Client::start(self, url).await
     }
 }
 
@@ -291,7 +286,7 @@ impl Endpoints {
         }
         match scheme {
             "ws" | "http" => Ok(Self {
-                ws: format!("ws://{authority}/v1/ws"),
+                ws: format!("ws://{authority}{}", routes::WS),
                 http: format!("http://{authority}"),
             }),
             "wss" | "https" => Err(Error::Config(format!(
@@ -305,34 +300,10 @@ impl Endpoints {
     }
 }
 
-/// The claims of a token, read without checking the signature (the hub checks it): the
-/// client only needs to know its tenant, device and branches.
-#[derive(Clone, Debug, Deserialize)]
-pub(crate) struct Claims {
-    pub tenant: Name,
-    pub device: Name,
-    pub role: Role,
-    /// A list of names, or `"*"` for every branch of the tenant.
-    pub branches: serde_json::Value,
-}
-
-impl Claims {
-    pub fn from_token(token: &str) -> Result<Self> {
-        let payload = token
-            .split('.')
-            .nth(1)
-            .ok_or_else(|| Error::Config("the token is not a JWT".into()))?;
-        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(payload.trim_end_matches('='))
-            .map_err(|e| Error::Config(format!("the token's claims are not base64url: {e}")))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Config(format!("the token's claims do not read: {e}")))
-    }
-
-    /// The branches the token names (`None` for `"*"`).
-    pub fn branch_list(&self) -> Option<Vec<Name>> {
-        serde_json::from_value(self.branches.clone()).ok()
-    }
+/// The claims of `token`, read without checking its signature (the hub checks it): the
+/// client only needs its tenant, device, role and branches.
+pub(crate) fn claims(token: &str) -> Result<Claims> {
+    Claims::read_unverified(token).map_err(|e| Error::Config(e.to_string()))
 }
 
 #[cfg(test)]
@@ -362,22 +333,26 @@ mod tests {
 
     #[test]
     fn claims_are_read_from_the_token_payload() {
+        use base64::Engine;
+        use branchline_protocol::TokenBranches;
+
         let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
             br#"{"tenant":"acme","branches":["berlin-01"],"device":"till-1","role":"cashier","exp":1,"iat":0}"#,
         );
-        let c = Claims::from_token(&format!("h.{payload}.s")).unwrap();
+        let c = claims(&format!("h.{payload}.s")).unwrap();
         assert_eq!(c.tenant.as_str(), "acme");
         assert_eq!(c.device.as_str(), "till-1");
-        assert_eq!(c.branch_list().unwrap()[0].as_str(), "berlin-01");
+        match &c.branches {
+            TokenBranches::List(list) => assert_eq!(list[0].as_str(), "berlin-01"),
+            TokenBranches::All => panic!("a list of branches read as \"*\""),
+        }
         let star = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(
             br#"{"tenant":"acme","branches":"*","device":"a","role":"admin","exp":1,"iat":0}"#,
         );
-        assert!(
-            Claims::from_token(&format!("h.{star}.s"))
-                .unwrap()
-                .branch_list()
-                .is_none()
+        assert_eq!(
+            claims(&format!("h.{star}.s")).unwrap().branches,
+            TokenBranches::All
         );
-        assert!(Claims::from_token("garbage").is_err());
+        assert!(matches!(claims("garbage"), Err(Error::Config(_))));
     }
 }

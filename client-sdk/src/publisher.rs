@@ -109,11 +109,6 @@ impl Publisher {
         self.inflight.iter().any(|f| f.event_id == event_id)
     }
 
-    /// The events awaiting an answer, in send order.
-    pub fn in_flight_ids(&self) -> Vec<Uuid> {
-        self.inflight.iter().map(|f| f.event_id).collect()
-    }
-
     /// Events in flight.
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
@@ -363,18 +358,16 @@ fn oversized(batch: &[PendingEvent], limit: FrameLimit) -> Result<Option<(usize,
         if size as u64 > limit.max_bytes {
             return Ok(Some((
                 i,
-                Rejected {
-                    event_id: Some(e.event_id),
-                    branch: Some(e.branch.clone()),
-                    code: ErrorCode::MessageTooBig,
-                    message: format!(
+                Rejected::of(
+                    e.event_id,
+                    e.branch.clone(),
+                    ErrorCode::MessageTooBig,
+                    format!(
                         "its publish frame is {size} bytes and the hub takes at most {} \
                          (its welcome says): not sent",
                         limit.max_bytes
                     ),
-                    expected_device_seq: None,
-                    conflict: None,
-                },
+                ),
             )));
         }
     }
@@ -425,12 +418,8 @@ mod tests {
 
     fn rejected(e: &PendingEvent, code: ErrorCode, expected: Option<u64>) -> PushResult {
         PushResult::Rejected(Rejected {
-            event_id: Some(e.event_id),
-            branch: Some(branch()),
-            code,
-            message: code.to_string(),
             expected_device_seq: expected,
-            conflict: None,
+            ..Rejected::of(e.event_id, branch(), code, code.to_string())
         })
     }
 

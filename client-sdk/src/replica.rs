@@ -91,11 +91,3 @@ pub(crate) fn apply_pending(
         EventBody::Custom(_) | EventBody::ConflictResolved(_) => {}
     }
 }
-
-/// Whether a pending event touches `sku` (for single-SKU reads).
-pub(crate) fn touches(e: &PendingEvent, sku: &Sku) -> bool {
-    match &e.body {
-        EventBody::SaleRecorded(s) => s.lines.iter().any(|l| &l.sku == sku),
-        other => other.sku() == Some(sku),
-    }
-}
