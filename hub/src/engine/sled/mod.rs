@@ -447,3 +447,6 @@ async fn flush_ticker(sender: CommitSender, every: Duration, stopping: Cancellat
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
+
+#[cfg(test)]
+mod tests;
