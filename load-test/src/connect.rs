@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use branchline_protocol::{Codec, SUBPROTOCOL_MSGPACK, ServerFrame, Welcome};
+use branchline_protocol::{Codec, SUBPROTOCOL_MSGPACK, ServerFrame, Welcome, routes};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use socket2::{Domain, Protocol, Socket, Type};
@@ -68,7 +68,7 @@ impl Endpoint {
     fn from_addr(addr: SocketAddr, authority: &str) -> Self {
         Self {
             addr,
-            ws_url: format!("ws://{authority}/v1/ws"),
+            ws_url: format!("ws://{authority}{}", routes::WS),
             http_url: format!("http://{authority}"),
         }
     }

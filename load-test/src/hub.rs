@@ -1,6 +1,9 @@
 //! The hub under test: a running one given by `--url`, or one the harness spawns itself
 //! (`--spawn-hub`) on an ephemeral port with a temporary store and its own token secret.
-//! Either way the [`Target`] mints tokens for it.
+//! Either way the [`Target`] mints tokens for it, as the hub itself does (PROTOCOL.md §3): an
+//! HS256 JWT over the protocol crate's [`Claims`], signed with the hub's secret. The harness
+//! signs them itself rather than through the hub crate, so that it speaks to the hub only
+//! through the protocol and never links the server it measures.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -8,8 +11,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use branchline_hub::auth::{Claims, TokenBranches, TokenKeys};
-use branchline_protocol::{Name, Role};
+use branchline_protocol::{Claims, Name, Role, TokenBranches};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -32,7 +35,8 @@ pub struct Target {
     pub pid: Option<u32>,
     /// The process the harness started, if it did.
     pub spawned: Option<SpawnedHub>,
-    keys: TokenKeys,
+    /// The hub's token secret, as a signing key.
+    key: EncodingKey,
 }
 
 impl Target {
@@ -49,7 +53,7 @@ impl Target {
             tenant,
             pid,
             spawned: None,
-            keys: TokenKeys::new(secret.as_bytes()),
+            key: EncodingKey::from_secret(secret.as_bytes()),
         })
     }
 
@@ -66,7 +70,7 @@ impl Target {
             tenant,
             pid: Some(hub.pid),
             spawned: Some(hub),
-            keys: TokenKeys::new(secret.as_bytes()),
+            key: EncodingKey::from_secret(secret.as_bytes()),
         })
     }
 
@@ -88,7 +92,8 @@ impl Target {
             role,
             TOKEN_TTL,
         );
-        Ok(self.keys.mint(&claims)?)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
+            .context("signing a token")
     }
 
     /// What the report says about the hub.
@@ -140,7 +145,9 @@ pub struct SpawnedHub {
 }
 
 impl SpawnedHub {
-    async fn start(
+    /// Starts `bin serve` on an ephemeral loopback port with a temporary store, token secret
+    /// `secret` and the `extra` flags, and waits until it listens; returns it and its address.
+    pub async fn start(
         bin: &Path,
         secret: &str,
         extra: &[String],
@@ -273,5 +280,59 @@ mod tests {
     #[test]
     fn a_missing_explicit_hub_binary_is_an_error() {
         assert!(find_hub_bin(Some(Path::new("/nonexistent/branchline-hub"))).is_err());
+    }
+
+    #[tokio::test]
+    async fn tokens_are_hs256_jwts_of_the_protocol_claims_signed_with_the_secret() {
+        use jsonwebtoken::{DecodingKey, Validation};
+
+        let secret = "0123456789abcdef0123456789abcdef";
+        let name = |s: &str| Name::new(s).unwrap();
+        let target = Target::remote("127.0.0.1:9", secret, name("acme"), None)
+            .await
+            .unwrap();
+        let token = target
+            .token(&name("till-1"), Some(&[name("b1")]), Role::Cashier)
+            .unwrap();
+        // Checked as the hub checks them: HS256 with its secret, an expiry required.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_required_spec_claims(&["exp"]);
+        let decode = |secret: &str| {
+            let key = DecodingKey::from_secret(secret.as_bytes());
+            jsonwebtoken::decode::<serde_json::Value>(&token, &key, &validation)
+        };
+        let data = decode(secret).unwrap();
+        assert_eq!(data.header, Header::new(Algorithm::HS256));
+        let mut fields: Vec<&str> = data
+            .claims
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        fields.sort_unstable();
+        assert_eq!(
+            fields,
+            ["branches", "device", "exp", "iat", "role", "tenant"]
+        );
+        let claims = Claims::read_unverified(&token).unwrap();
+        assert_eq!(
+            (claims.tenant, claims.branches, claims.device, claims.role),
+            (
+                name("acme"),
+                TokenBranches::List(vec![name("b1")]),
+                name("till-1"),
+                Role::Cashier
+            )
+        );
+        assert_eq!(claims.exp - claims.iat, TOKEN_TTL.as_secs());
+        assert!(decode("another secret").is_err());
+
+        let admin = target.token(&name("console"), None, Role::Admin).unwrap();
+        let claims = Claims::read_unverified(&admin).unwrap();
+        assert_eq!(
+            (claims.branches, claims.role),
+            (TokenBranches::All, Role::Admin)
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use branchline_protocol::http::{BranchStatus, PushRequest, PushResponse, PushResult};
-use branchline_protocol::{Codec, Custom, Epoch, EventBody, Name, Publish, now_ms};
+use branchline_protocol::{Codec, Custom, Epoch, EventBody, Name, Publish, now_ms, routes};
 use uuid::Uuid;
 
 use crate::wire::LOAD_TYPE;
@@ -50,15 +50,17 @@ impl Http {
         })
     }
 
-    fn url(&self, branch: &Name, rest: &str) -> String {
-        format!("{}/v1/branches/{}/{branch}{rest}", self.base, self.tenant)
+    /// The URL of `route` (one of the branch routes) for `branch`.
+    fn url(&self, route: &str, branch: &Name) -> String {
+        let path = routes::branch_path(route, &self.tenant, branch);
+        format!("{}{path}", self.base)
     }
 
     /// `GET /v1/branches/{tenant}/{branch}` (which also creates an empty log).
     pub async fn status(&self, token: &str, branch: &Name) -> anyhow::Result<BranchStatus> {
         let response = self
             .client
-            .get(self.url(branch, ""))
+            .get(self.url(routes::BRANCH, branch))
             .bearer_auth(token)
             .send()
             .await
@@ -79,7 +81,7 @@ impl Http {
     pub async fn metrics(&self) -> anyhow::Result<HashMap<String, f64>> {
         let text = self
             .client
-            .get(format!("{}/metrics", self.base))
+            .get(format!("{}{}", self.base, routes::METRICS))
             .timeout(Duration::from_secs(5))
             .send()
             .await?
@@ -162,7 +164,7 @@ impl Http {
         let (status, bytes) = loop {
             let response = self
                 .client
-                .post(self.url(branch, "/events"))
+                .post(self.url(routes::EVENTS, branch))
                 .bearer_auth(token)
                 .header("content-type", Codec::MsgPack.content_type())
                 .header("accept", Codec::MsgPack.content_type())

@@ -7,15 +7,19 @@
 //!
 //! Receiving: [`Incoming::decode`] reads only the fields the harness checks (frame type,
 //! branch, epoch, seq, the stamp, answers to publishes, error codes), borrowing strings from
-//! the message; everything else in a frame is skipped by length, never built. The harness
-//! speaks MessagePack only, the protocol's default and fast path.
+//! the message; everything else in a frame is skipped by length, never built. Markers,
+//! lengths and numbers are read with `rmp::decode`, the MessagePack reader the protocol's codec
+//! rests on. The harness speaks MessagePack only, the protocol's default and fast path.
 
 use branchline_protocol::{
     Ack, ClientFrame, Codec, EncodeError, Epoch, EventBody, Hello, Name, Payment, PaymentMethod,
     Publish, SaleLine, SaleRecorded, Sku, Subscription, now_ms,
 };
+use std::io;
+
 use bytes::Bytes;
 use rmp::Marker;
+use rmp::decode::{self, NumValueReadError, ValueReadError};
 use serde::Serialize;
 use uuid::Uuid;
 
@@ -256,114 +260,147 @@ const MAX_DEPTH: u32 = 64;
 /// the rest by length, without building values or checking strings it does not keep. This is
 /// the harness's hot path (hundreds of thousands of events a second); serde's field matching
 /// and UTF-8 checks of every key cost it a third of its CPU.
+///
+/// `rmp` reads the markers (as [`Marker`]), lengths and numbers; this type chooses what to keep
+/// and what to step over. `rmp::decode` reads from the slice itself (`&mut self.buf`) and
+/// advances it past what it read, so the strings kept are borrowed from the message. A
+/// one-byte form whose marker holds its whole value (nil, booleans, fixints, the lengths of
+/// fixstrs and fixmaps) is taken from the marker [`Skim::peek`] read instead: most of a frame
+/// is such forms, keys above all, and `rmp`'s readers of every form are not inlined, so a call
+/// to one for each cost the hot path about a tenth more time per frame.
 struct Skim<'a> {
     buf: &'a [u8],
 }
 
+/// The error of an `rmp` read from a message. Reading a slice fails only where it ends, so
+/// every read error is [`SkimError::Eof`].
+impl From<ValueReadError<io::Error>> for SkimError {
+    fn from(e: ValueReadError<io::Error>) -> Self {
+        match e {
+            ValueReadError::TypeMismatch(marker) => SkimError::Unexpected(marker.to_u8()),
+            ValueReadError::InvalidMarkerRead(_) | ValueReadError::InvalidDataRead(_) => {
+                SkimError::Eof
+            }
+        }
+    }
+}
+
 impl<'a> Skim<'a> {
-    fn byte(&mut self) -> Result<u8, SkimError> {
-        let (&b, rest) = self.buf.split_first().ok_or(SkimError::Eof)?;
-        self.buf = rest;
-        Ok(b)
+    /// The next value's marker, left unread.
+    fn peek(&self) -> Result<Marker, SkimError> {
+        self.buf
+            .first()
+            .map(|&b| Marker::from_u8(b))
+            .ok_or(SkimError::Eof)
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], SkimError> {
-        if self.buf.len() < n {
-            return Err(SkimError::Eof);
+    /// Reads a nil if one comes next; whether it did.
+    fn nil(&mut self) -> bool {
+        self.peek() == Ok(Marker::Null) && self.step().is_ok()
+    }
+
+    /// Steps past a marker [`Skim::peek`] has read, whose value it holds in full.
+    fn step(&mut self) -> Result<(), SkimError> {
+        self.take(1).map(drop)
+    }
+
+    /// A string's length.
+    fn str_len(&mut self) -> Result<u32, SkimError> {
+        if let Marker::FixStr(n) = self.peek()? {
+            self.step()?;
+            return Ok(u32::from(n));
         }
-        let (head, rest) = self.buf.split_at(n);
+        Ok(decode::read_str_len(&mut self.buf)?)
+    }
+
+    /// The next `n` bytes.
+    fn take(&mut self, n: u32) -> Result<&'a [u8], SkimError> {
+        let n = usize::try_from(n).map_err(|_| SkimError::Eof)?;
+        let (head, rest) = self.buf.split_at_checked(n).ok_or(SkimError::Eof)?;
         self.buf = rest;
         Ok(head)
     }
 
-    fn be(&mut self, n: usize) -> Result<u64, SkimError> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
-    }
-
-    fn len(&mut self, n: usize) -> Result<usize, SkimError> {
-        usize::try_from(self.be(n)?).map_err(|_| SkimError::Eof)
-    }
-
-    /// The next value's marker, and its length for strings, binaries, arrays and maps.
-    fn head(&mut self) -> Result<(u8, Marker, usize), SkimError> {
-        let b = self.byte()?;
-        let m = Marker::from_u8(b);
-        let n = match m {
-            Marker::FixStr(n) | Marker::FixArray(n) | Marker::FixMap(n) => usize::from(n),
-            Marker::Str8 | Marker::Bin8 => self.len(1)?,
-            Marker::Str16 | Marker::Bin16 | Marker::Array16 | Marker::Map16 => self.len(2)?,
-            Marker::Str32 | Marker::Bin32 | Marker::Array32 | Marker::Map32 => self.len(4)?,
-            _ => 0,
-        };
-        Ok((b, m, n))
-    }
-
+    /// Steps over the next value, `depth` levels into the frame.
     fn skip(&mut self, depth: u32) -> Result<(), SkimError> {
         if depth > MAX_DEPTH {
             return Err(SkimError::TooDeep);
         }
-        let (b, m, n) = self.head()?;
-        let data = match m {
-            Marker::FixPos(_) | Marker::FixNeg(_) | Marker::Null | Marker::True | Marker::False => {
-                0
+        let marker = self.peek()?;
+        let rd = &mut self.buf;
+        match marker {
+            Marker::Null | Marker::True | Marker::False | Marker::FixPos(_) | Marker::FixNeg(_) => {
+                self.step()
             }
-            Marker::U8 | Marker::I8 => 1,
-            Marker::U16 | Marker::I16 => 2,
-            Marker::U32 | Marker::I32 | Marker::F32 => 4,
-            Marker::U64 | Marker::I64 | Marker::F64 => 8,
-            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => n,
-            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => n,
-            Marker::FixExt1 => 2,
-            Marker::FixExt2 => 3,
-            Marker::FixExt4 => 5,
-            Marker::FixExt8 => 9,
-            Marker::FixExt16 => 17,
-            Marker::Ext8 => self.len(1)? + 1,
-            Marker::Ext16 => self.len(2)? + 1,
-            Marker::Ext32 => self.len(4)? + 1,
-            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
-                for _ in 0..n {
-                    self.skip(depth + 1)?;
+            Marker::U8
+            | Marker::U16
+            | Marker::U32
+            | Marker::U64
+            | Marker::I8
+            | Marker::I16
+            | Marker::I32
+            | Marker::I64 => match decode::read_int::<i128, _>(rd) {
+                Ok(_) => Ok(()),
+                Err(NumValueReadError::TypeMismatch(marker)) => {
+                    Err(SkimError::Unexpected(marker.to_u8()))
                 }
-                0
+                // Every integer fits an i128: only the end of the message stops it.
+                Err(_) => Err(SkimError::Eof),
+            },
+            Marker::F32 => decode::read_f32(rd).map(drop).map_err(SkimError::from),
+            Marker::F64 => decode::read_f64(rd).map(drop).map_err(SkimError::from),
+            Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => {
+                let n = self.str_len()?;
+                self.take(n).map(drop)
+            }
+            Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => {
+                let n = decode::read_bin_len(rd)?;
+                self.take(n).map(drop)
+            }
+            Marker::FixExt1
+            | Marker::FixExt2
+            | Marker::FixExt4
+            | Marker::FixExt8
+            | Marker::FixExt16
+            | Marker::Ext8
+            | Marker::Ext16
+            | Marker::Ext32 => {
+                let meta = decode::read_ext_meta(rd)?;
+                self.take(meta.size).map(drop)
+            }
+            Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => {
+                let n = decode::read_array_len(rd)?;
+                (0..n).try_for_each(|_| self.skip(depth + 1))
             }
             Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => {
-                for _ in 0..2 * n {
+                let n = decode::read_map_len(rd)?;
+                (0..n).try_for_each(|_| {
                     self.skip(depth + 1)?;
-                }
-                0
+                    self.skip(depth + 1)
+                })
             }
-            Marker::Reserved => return Err(SkimError::Unexpected(b)),
-        };
-        self.take(data).map(|_| ())
+            Marker::Reserved => Err(SkimError::Unexpected(marker.to_u8())),
+        }
     }
 
     /// A map's length (`None` for nil).
-    fn map(&mut self) -> Result<Option<usize>, SkimError> {
-        match self.head()? {
-            (_, Marker::FixMap(_) | Marker::Map16 | Marker::Map32, n) => Ok(Some(n)),
-            (_, Marker::Null, _) => Ok(None),
-            (b, ..) => Err(SkimError::Unexpected(b)),
+    fn map(&mut self) -> Result<Option<u32>, SkimError> {
+        match self.peek()? {
+            Marker::Null => self.step().map(|()| None),
+            Marker::FixMap(n) => self.step().map(|()| Some(u32::from(n))),
+            _ => Ok(Some(decode::read_map_len(&mut self.buf)?)),
         }
     }
 
     /// A string's bytes, unchecked (for keys compared against ASCII names).
     fn raw_str(&mut self) -> Result<&'a [u8], SkimError> {
-        match self.head()? {
-            (_, Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32, n) => {
-                self.take(n)
-            }
-            (b, ..) => Err(SkimError::Unexpected(b)),
-        }
+        let n = self.str_len()?;
+        self.take(n)
     }
 
     /// A string (`None` for nil).
     fn str(&mut self) -> Result<Option<&'a str>, SkimError> {
-        if self.buf.first() == Some(&0xc0) {
-            self.buf = &self.buf[1..];
+        if self.nil() {
             return Ok(None);
         }
         let bytes = self.raw_str()?;
@@ -374,37 +411,30 @@ impl<'a> Skim<'a> {
 
     /// A non-negative integer (`None` for nil).
     fn uint(&mut self) -> Result<Option<u64>, SkimError> {
-        let b = self.byte()?;
-        let v = match Marker::from_u8(b) {
-            Marker::FixPos(v) => u64::from(v),
-            Marker::U8 => self.be(1)?,
-            Marker::U16 => self.be(2)?,
-            Marker::U32 => self.be(4)?,
-            Marker::U64 => self.be(8)?,
-            Marker::I8 | Marker::I16 | Marker::I32 | Marker::I64 => {
-                let width = match Marker::from_u8(b) {
-                    Marker::I8 => 1,
-                    Marker::I16 => 2,
-                    Marker::I32 => 4,
-                    _ => 8,
-                };
-                let raw = self.be(width)?;
-                let shift = 64 - 8 * width as u32;
-                let signed = ((raw << shift) as i64) >> shift;
-                u64::try_from(signed).map_err(|_| SkimError::Unexpected(b))?
+        let marker = self.peek()?;
+        match marker {
+            Marker::Null => return self.step().map(|()| None),
+            Marker::FixPos(v) => return self.step().map(|()| Some(u64::from(v))),
+            _ => {}
+        }
+        match decode::read_int(&mut self.buf) {
+            Ok(v) => Ok(Some(v)),
+            // A negative number (or another type) where a count or a time belongs.
+            Err(NumValueReadError::TypeMismatch(_) | NumValueReadError::OutOfRange) => {
+                Err(SkimError::Unexpected(marker.to_u8()))
             }
-            Marker::Null => return Ok(None),
-            _ => return Err(SkimError::Unexpected(b)),
-        };
-        Ok(Some(v))
+            Err(
+                NumValueReadError::InvalidMarkerRead(_) | NumValueReadError::InvalidDataRead(_),
+            ) => Err(SkimError::Eof),
+        }
     }
 
+    /// A boolean (nil reads as false).
     fn bool(&mut self) -> Result<bool, SkimError> {
-        match self.byte()? {
-            0xc3 => Ok(true),
-            0xc2 | 0xc0 => Ok(false),
-            b => Err(SkimError::Unexpected(b)),
+        if self.nil() {
+            return Ok(false);
         }
+        decode::read_bool(&mut self.buf).map_err(SkimError::from)
     }
 
     /// An event body: `data.t` and `sale_id`; anything else (including `data` that is not
@@ -416,9 +446,8 @@ impl<'a> Skim<'a> {
         let mut body = BodyLite::default();
         for _ in 0..n {
             match self.raw_str()? {
-                b"data" if matches!(self.buf.first(), Some(0x80..=0x8f | 0xde | 0xdf)) => {
-                    let fields = self.map()?.unwrap_or(0);
-                    for _ in 0..fields {
+                b"data" if is_map(self.peek()?) => {
+                    for _ in 0..self.map()?.unwrap_or(0) {
                         match self.raw_str()? {
                             b"t" => body.t = self.uint()?,
                             _ => self.skip(2)?,
@@ -447,6 +476,10 @@ impl<'a> Skim<'a> {
     }
 }
 
+fn is_map(marker: Marker) -> bool {
+    matches!(marker, Marker::FixMap(_) | Marker::Map16 | Marker::Map32)
+}
+
 impl<'a> Incoming<'a> {
     /// Reads the fields the harness uses from one MessagePack frame.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, SkimError> {
@@ -465,16 +498,15 @@ impl<'a> Incoming<'a> {
                 b"seq" => f.seq = r.uint()?,
                 b"server_time_ms" => f.server_time_ms = r.uint()?,
                 b"body" => f.body = r.body()?,
-                b"events" => match r.head()? {
-                    (_, Marker::FixArray(_) | Marker::Array16 | Marker::Array32, len) => {
-                        f.events.reserve(len.min(1 << 16));
-                        for _ in 0..len {
-                            let event = r.event()?;
-                            f.events.push(event);
-                        }
+                b"events" => {
+                    let len = decode::read_array_len(&mut r.buf)?;
+                    // A length the message cannot hold must not reserve memory for it.
+                    f.events.reserve(len.min(1 << 16) as usize);
+                    for _ in 0..len {
+                        let event = r.event()?;
+                        f.events.push(event);
                     }
-                    (b, ..) => return Err(SkimError::Unexpected(b)),
-                },
+                }
                 b"event_id" => f.event_id = r.str()?,
                 b"duplicate" => f.duplicate = r.bool()?,
                 b"code" => f.code = r.str()?,
@@ -640,6 +672,27 @@ mod tests {
     }
 
     #[test]
+    fn the_long_forms_of_maps_strings_and_arrays_read_like_the_short_ones() {
+        let mut data = serde_json::json!({"t": 5, "pad": "p".repeat(70_000)});
+        let mut frame = serde_json::json!({
+            "type": "event", "seq": 70_000, "branch": "b".repeat(300),
+            "list": (0..20).collect::<Vec<u32>>(),
+        });
+        for i in 0..20 {
+            data[format!("field-{i}")] = i.into();
+            frame[format!("field-{i}")] = i.into();
+        }
+        frame["body"] = serde_json::json!({"type": "x", "data": data});
+        // Maps of more than 15 entries are map16s, strings of 300 and 70,000 bytes str16 and
+        // str32, a list of 20 an array16.
+        let bytes = Codec::MsgPack.encode(&frame).unwrap();
+        let f = Incoming::decode(&bytes).unwrap();
+        assert_eq!((f.frame, f.seq), ("event", Some(70_000)));
+        assert_eq!(f.branch.map(str::len), Some(300));
+        assert_eq!(f.body.unwrap().stamp(), Some(5));
+    }
+
+    #[test]
     fn answers_and_errors_decode() {
         let accepted = Codec::MsgPack
             .encode(&ServerFrame::Accepted(branchline_protocol::Accepted {
@@ -653,5 +706,264 @@ mod tests {
         let f = Incoming::decode(&accepted).unwrap();
         assert_eq!((f.frame, f.seq, f.duplicate), ("accepted", Some(42), false));
         assert_eq!(f.event_id, Some("00000000-0000-0000-0000-000000000000"));
+    }
+
+    /// Frames as the hub sends them, with every field the skimmer reads or skips drawn at
+    /// random, to check it against a full decode.
+    mod properties {
+        use branchline_protocol::{
+            Accepted, CaughtUp, Custom, Effect, ErrorCode, ErrorFrame, Event, EventBatch, Rejected,
+            SaleRecorded, ServerFrame, Sku, StockLevel,
+        };
+        use proptest::collection::{btree_map, vec};
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+        use serde_json::Value;
+
+        use super::super::*;
+
+        fn name() -> impl Strategy<Value = Name> {
+            "[A-Za-z0-9_.-]{1,64}".prop_map(|s| Name::new(s).unwrap())
+        }
+
+        fn uuid() -> impl Strategy<Value = Uuid> {
+            any::<u128>().prop_map(Uuid::from_u128)
+        }
+
+        /// Any JSON: what `custom` data and stock effects make the skimmer step over.
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>()
+                    .prop_filter("finite", |f| f.is_finite())
+                    .prop_map(Value::from),
+                "\\PC{0,40}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    vec(inner.clone(), 0..4).prop_map(Value::from),
+                    btree_map("\\PC{0,8}", inner, 0..4)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A harness event (`data` with the stamp `t` among other fields), a sale, or custom
+        /// data of any shape whose top level has no `t` (a `t` that is not a stamp is an error
+        /// by design).
+        fn body() -> impl Strategy<Value = EventBody> {
+            let custom = |data: Value| {
+                EventBody::Custom(Custom {
+                    custom_type: LOAD_TYPE.into(),
+                    data,
+                })
+            };
+            let stamped = (any::<u64>(), btree_map("[a-su-z]{1,8}", json(), 0..3)).prop_map(
+                move |(t, mut fields)| {
+                    fields.insert("t".into(), Value::from(t));
+                    custom(Value::Object(fields.into_iter().collect()))
+                },
+            );
+            let other = prop_oneof![
+                json().prop_filter("not a map", |v| !v.is_object()),
+                btree_map("[a-su-z]{1,8}", json(), 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+            .prop_map(custom);
+            let sale = ("\\PC{0,40}", any::<i64>()).prop_map(|(sale_id, total)| {
+                EventBody::SaleRecorded(SaleRecorded {
+                    sale_id,
+                    lines: Vec::new(),
+                    total,
+                    tax: 0,
+                    currency: "EUR".into(),
+                    payments: Vec::new(),
+                })
+            });
+            prop_oneof![stamped, other, sale]
+        }
+
+        fn event(branch: Name, epoch: Epoch) -> impl Strategy<Value = Event> {
+            let stock = vec(("[A-Z0-9-]{1,16}", any::<i64>()), 0..3).prop_map(|levels| {
+                let stock = levels
+                    .into_iter()
+                    .map(|(sku, n)| StockLevel::new(Sku::new(sku).unwrap(), n))
+                    .collect();
+                Effect {
+                    stock,
+                    ..Effect::default()
+                }
+            });
+            let times = (any::<i64>(), 0..=i64::MAX);
+            (any::<u64>(), times, any::<Option<u64>>(), body(), stock).prop_map(
+                move |(seq, (client_time_ms, server_time_ms), base, body, effect)| Event {
+                    branch: branch.clone(),
+                    epoch,
+                    seq,
+                    client_time_ms,
+                    server_time_ms,
+                    base_seq: base,
+                    base_version: base,
+                    body,
+                    effect,
+                    ..super::event(seq, 0)
+                },
+            )
+        }
+
+        /// A branch and an epoch.
+        fn at() -> impl Strategy<Value = (Name, Epoch)> {
+            (name(), any::<u64>().prop_map(Epoch))
+        }
+
+        fn frame() -> impl Strategy<Value = ServerFrame> {
+            let code = proptest::sample::select(ErrorCode::ALL.to_vec());
+            prop_oneof![
+                at().prop_flat_map(|(b, e)| event(b, e))
+                    .prop_map(|e| ServerFrame::Event(Box::new(e))),
+                at().prop_flat_map(|(branch, epoch)| {
+                    vec(event(branch.clone(), epoch), 0..5).prop_map(move |events| {
+                        ServerFrame::Events(EventBatch {
+                            branch: branch.clone(),
+                            epoch,
+                            events,
+                        })
+                    })
+                }),
+                (at(), any::<u64>()).prop_map(|((branch, epoch), seq)| {
+                    ServerFrame::CaughtUp(CaughtUp { branch, epoch, seq })
+                }),
+                (uuid(), at(), any::<u64>(), any::<bool>()).prop_map(
+                    |(event_id, (branch, epoch), seq, duplicate)| {
+                        ServerFrame::Accepted(Accepted {
+                            event_id,
+                            branch,
+                            epoch,
+                            seq,
+                            duplicate,
+                        })
+                    }
+                ),
+                (
+                    proptest::option::of((uuid(), name())),
+                    code.clone(),
+                    "\\PC{0,40}",
+                    any::<Option<u64>>(),
+                )
+                    .prop_map(|(about, code, message, expected)| {
+                        let mut r = match about {
+                            Some((id, branch)) => Rejected::of(id, branch, code, message),
+                            None => Rejected::bare(code, message),
+                        };
+                        r.expected_device_seq = expected;
+                        ServerFrame::Rejected(r)
+                    }),
+                (code, "\\PC{0,40}", any::<bool>()).prop_map(|(code, message, fatal)| {
+                    ServerFrame::Error(ErrorFrame {
+                        code,
+                        message,
+                        fatal,
+                    })
+                }),
+            ]
+        }
+
+        /// The stamp fields a full decode of `body` holds.
+        fn stamp_fields(body: &EventBody) -> (Option<u64>, Option<&str>) {
+            match body {
+                EventBody::Custom(c) => (c.data.get("t").and_then(Value::as_u64), None),
+                EventBody::SaleRecorded(s) => (None, Some(&s.sale_id)),
+                _ => (None, None),
+            }
+        }
+
+        fn skimmed<'a>(body: Option<&BodyLite<'a>>) -> (Option<u64>, Option<&'a str>) {
+            body.map_or((None, None), |b| (b.t, b.sale_id))
+        }
+
+        /// The fields the skimmer read from `frame`'s encoding against its full decode.
+        fn assert_agrees(full: &ServerFrame, f: &Incoming<'_>) -> Result<(), TestCaseError> {
+            prop_assert_eq!(f.frame, full.type_name());
+            let epoch = |e: &Epoch| Some(e.to_string());
+            match full {
+                ServerFrame::Event(e) => {
+                    prop_assert_eq!(f.branch, Some(e.branch.as_str()));
+                    prop_assert_eq!(f.epoch.map(str::to_owned), epoch(&e.epoch));
+                    prop_assert_eq!(f.seq, Some(e.seq));
+                    prop_assert_eq!(f.server_time_ms, u64::try_from(e.server_time_ms).ok());
+                    prop_assert_eq!(skimmed(f.body.as_ref()), stamp_fields(&e.body));
+                }
+                ServerFrame::Events(batch) => {
+                    prop_assert_eq!(f.branch, Some(batch.branch.as_str()));
+                    prop_assert_eq!(f.epoch.map(str::to_owned), epoch(&batch.epoch));
+                    prop_assert_eq!(f.events.len(), batch.events.len());
+                    for (lite, e) in f.events.iter().zip(&batch.events) {
+                        prop_assert_eq!(lite.seq, e.seq);
+                        prop_assert_eq!(lite.server_time_ms, u64::try_from(e.server_time_ms).ok());
+                        prop_assert_eq!(skimmed(lite.body.as_ref()), stamp_fields(&e.body));
+                    }
+                }
+                ServerFrame::CaughtUp(c) => {
+                    prop_assert_eq!(f.branch, Some(c.branch.as_str()));
+                    prop_assert_eq!(f.epoch.map(str::to_owned), epoch(&c.epoch));
+                    prop_assert_eq!(f.seq, Some(c.seq));
+                }
+                ServerFrame::Accepted(a) => {
+                    prop_assert_eq!(f.event_id.map(str::to_owned), Some(a.event_id.to_string()));
+                    prop_assert_eq!(f.branch, Some(a.branch.as_str()));
+                    prop_assert_eq!(f.epoch.map(str::to_owned), epoch(&a.epoch));
+                    prop_assert_eq!((f.seq, f.duplicate), (Some(a.seq), a.duplicate));
+                }
+                ServerFrame::Rejected(r) => {
+                    let id = r.event_id.map(|id| id.to_string());
+                    prop_assert_eq!(f.event_id.map(str::to_owned), id);
+                    prop_assert_eq!(f.branch, r.branch.as_ref().map(Name::as_str));
+                    prop_assert_eq!(f.code, Some(r.code.as_str()));
+                    prop_assert_eq!(f.message, Some(r.message.as_str()));
+                    prop_assert_eq!(f.expected_device_seq, r.expected_device_seq);
+                }
+                ServerFrame::Error(e) => {
+                    prop_assert_eq!(f.code, Some(e.code.as_str()));
+                    prop_assert_eq!(f.message, Some(e.message.as_str()));
+                    prop_assert_eq!(f.fatal, e.fatal);
+                }
+                other => prop_assert!(false, "not generated: {other:?}"),
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn the_skimmer_agrees_with_a_full_decode(frame in frame()) {
+                let bytes = Codec::MsgPack.encode(&frame).unwrap();
+                let full = Codec::MsgPack.decode_server_frame(&bytes).unwrap();
+                assert_agrees(&full, &Incoming::decode(&bytes).unwrap())?;
+            }
+
+            #[test]
+            fn arbitrary_bytes_never_panic_the_skimmer(bytes in vec(any::<u8>(), 0..512)) {
+                let _ = Incoming::decode(&bytes);
+            }
+
+            #[test]
+            fn damaged_frames_never_panic_the_skimmer(
+                frame in frame(),
+                flips in vec((any::<Index>(), any::<u8>()), 1..8),
+                cut in any::<Index>(),
+            ) {
+                let mut bytes = Codec::MsgPack.encode(&frame).unwrap().to_vec();
+                for (i, b) in &flips {
+                    let at = i.index(bytes.len());
+                    bytes[at] ^= b;
+                }
+                let _ = Incoming::decode(&bytes);
+                let _ = Incoming::decode(&bytes[..cut.index(bytes.len())]);
+            }
+        }
     }
 }

@@ -1,7 +1,12 @@
-//! Short, small runs of the `branchline-load` binary against an in-process hub, through its
-//! real flags and JSON report: the scenarios run end to end, streams come out whole, and the
-//! numbers are in a sane range. And against a fake hub that breaks a stream, the harness must
-//! fail: a gap or a duplicate is never a footnote.
+//! Short, small runs of the `branchline-load` binary against a real hub, through its real flags
+//! and JSON report: the scenarios run end to end, streams come out whole, and the numbers are in
+//! a sane range. And against a fake hub that breaks a stream, the harness must fail: a gap or a
+//! duplicate is never a footnote.
+//!
+//! The real hub is the `branchline-hub` binary of this build, started as a process as
+//! `--spawn-hub` starts it: the harness depends on the hub only through the protocol, so
+//! these tests do too. `cargo test --workspace` builds that binary; to run these tests alone,
+//! build it first (`cargo build -p branchline-hub`).
 //!
 //! These are functional checks with loose bounds, never timed benchmarks (`make bench` is).
 
@@ -12,13 +17,13 @@ use std::future::Future;
 use std::process::Output;
 use std::time::Duration;
 
-use branchline_hub::test_util::{TEST_SECRET, TestHub};
 use branchline_load::Report;
+use branchline_load::hub::{SpawnedHub, find_hub_bin};
 use branchline_load::report::REQUIRED_FIELDS;
 use branchline_load::stats::Percentiles;
 use branchline_protocol::{
     Accepted, BranchStart, CaughtUp, ClientFrame, Codec, Custom, Epoch, Event, EventBody, Hello,
-    Name, Publish, Role, ServerFrame, StartMode, Welcome,
+    Name, Publish, Role, ServerFrame, StartMode, Welcome, routes,
 };
 use futures::{SinkExt, StreamExt};
 use serde_json::Value;
@@ -29,20 +34,28 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use uuid::Uuid;
 
+/// The token secret of the test hubs.
+const SECRET: &str = "branchline-load-test-secret-0123456789abcdef";
+
+/// A real hub on an ephemeral port with a temporary store, and its WebSocket URL.
+async fn real_hub() -> (SpawnedHub, String) {
+    let bin = find_hub_bin(None)
+        .unwrap_or_else(|e| panic!("{e:#}\n(for these tests: cargo build -p branchline-hub)"));
+    // A small store cache: the smoke runs are small, and several hubs run at once.
+    let cache = ["--store-cache-bytes".to_owned(), (16 << 20).to_string()];
+    let (hub, addr) = SpawnedHub::start(&bin, SECRET, &cache)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    (hub, format!("ws://{addr}{}", routes::WS))
+}
+
 /// Runs the harness with `args` against `url` and returns its output, its report and the
 /// report's raw JSON.
 async fn harness(url: &str, args: &[&str]) -> (Output, Report, Value) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_branchline-load"))
-        .args([
-            "--url",
-            url,
-            "--token-secret",
-            TEST_SECRET,
-            "--threads",
-            "2",
-        ])
+        .args(["--url", url, "--token-secret", SECRET, "--threads", "2"])
         .args(args)
         .arg("--report")
         .arg(&report)
@@ -110,9 +123,9 @@ fn assert_whole(output: &Output, r: &Report) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fanout_delivers_every_event_to_every_follower() {
-    let hub = TestHub::start().await;
+    let (hub, url) = real_hub().await;
     let (output, r, json) = harness(
-        &hub.ws_url(),
+        &url,
         &[
             "--scenario",
             "fanout",
@@ -161,7 +174,7 @@ async fn fanout_delivers_every_event_to_every_follower() {
     assert_sane(&latency, 5_000.0);
     assert_sane(&ack, 5_000.0);
     assert!(r.harness_cpu_percent.is_some());
-    // An in-process hub has no pid to read, so no hub RSS or CPU.
+    // A hub named by --url without --hub-pid has no pid to read, so no hub RSS or CPU.
     assert_fields(
         &json,
         &[
@@ -172,14 +185,14 @@ async fn fanout_delivers_every_event_to_every_follower() {
             "storm_catchup_s",
         ],
     );
-    hub.stop().await;
+    hub.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_resumes_every_follower_without_gaps() {
-    let hub = TestHub::start().await;
+    let (hub, url) = real_hub().await;
     let (output, r, json) = harness(
-        &hub.ws_url(),
+        &url,
         &[
             "--scenario",
             "reconnect-storm",
@@ -223,14 +236,14 @@ async fn a_reconnect_storm_resumes_every_follower_without_gaps() {
             "catchup_events_per_s",
         ],
     );
-    hub.stop().await;
+    hub.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn catchup_replays_exactly_the_missed_events() {
-    let hub = TestHub::start().await;
+    let (hub, url) = real_hub().await;
     let (output, r, json) = harness(
-        &hub.ws_url(),
+        &url,
         &[
             "--scenario",
             "catchup",
@@ -257,14 +270,14 @@ async fn catchup_replays_exactly_the_missed_events() {
             "storm_catchup_s",
         ],
     );
-    hub.stop().await;
+    hub.stop().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_acks_match_the_durable_heads() {
-    let hub = TestHub::start().await;
+    let (hub, url) = real_hub().await;
     let (output, r, json) = harness(
-        &hub.ws_url(),
+        &url,
         &[
             "--scenario",
             "publish",
@@ -306,7 +319,7 @@ async fn publish_acks_match_the_durable_heads() {
             "storm_catchup_s",
         ],
     );
-    hub.stop().await;
+    hub.stop().await.unwrap();
 }
 
 type FakeWs = tokio_tungstenite::WebSocketStream<TcpStream>;
@@ -331,7 +344,7 @@ where
             tokio::spawn(session(stream));
         }
     });
-    format!("ws://{addr}/v1/ws")
+    format!("ws://{addr}{}", routes::WS)
 }
 
 /// Accepts the upgrade, reads `hello` and answers `welcome`, every subscription live at head
