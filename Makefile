@@ -10,10 +10,12 @@ ADDR ?= 127.0.0.1:7400
 run:
 	$(CARGO) run --release -p branchline-hub -- serve --dev --listen $(ADDR) --data $(DATA)
 
-## test: format check, clippy with warnings denied, and every test of the workspace
+## test: format check, clippy and the API docs with warnings denied, and every test of the
+## workspace
 test:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --workspace --no-deps --quiet
 	$(CARGO) test --workspace
 
 ## bench: the load harness scenarios at the DESIGN.md sizes against a hub it starts itself;

@@ -193,7 +193,7 @@ impl TestHub {
 
     /// `ws://127.0.0.1:PORT/v1/ws`
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
+        format!("ws://{}{}", self.addr, branchline_protocol::routes::WS)
     }
 
     /// `http://127.0.0.1:PORT`

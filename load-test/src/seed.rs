@@ -93,8 +93,9 @@ impl Http {
 
     /// Publishes `count` `custom` events of `pad_bytes` padding to `branch`, from fresh
     /// devices `{seeder}-{branch}-{n}` (a token for each from `token`), each publishing at
-    /// most [`EVENTS_PER_DEVICE`]. The events carry no stamp: their latency is not measured.
-    /// Every event must be accepted; a push refused with 429 is retried after `Retry-After`.
+    /// most `EVENTS_PER_DEVICE` (2,000). The events carry no stamp: their latency is not
+    /// measured. Every event must be accepted; a push refused with 429 is retried after
+    /// `Retry-After`.
     pub async fn seed(
         &self,
         token: impl Fn(&Name) -> anyhow::Result<String>,

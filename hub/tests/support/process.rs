@@ -114,7 +114,7 @@ impl HubProcess {
 
     /// `ws://…/v1/ws`.
     pub fn ws_url(&self) -> String {
-        format!("ws://{}/v1/ws", self.addr)
+        format!("ws://{}{}", self.addr, branchline_hub::protocol::routes::WS)
     }
 
     /// `http://host:port`.
