@@ -14,11 +14,11 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::auth::TokenKeys;
+use crate::branch::snapshots::Snapshots;
 use crate::branch::{Branch, Branches};
 use crate::config::Config;
 use crate::engine::sled::{SledEngine, StoreError};
 use crate::engine::{Committed, Engine, EngineError, Feed, StopError};
-use crate::http::snapshot::Snapshots;
 use crate::metrics::Metrics;
 use crate::ws::room::{Rooms, SessionCtl};
 

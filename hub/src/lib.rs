@@ -6,13 +6,15 @@
 //!
 //! ## Map
 //! - [`server`]: the accept loop, connection limits and shutdown ([`run`] is the entry
-//!   point); [`hub`]: the [`Hub`] its parts share, and the engine's feed into it.
+//!   point), each connection counted by a [`conn::ConnGuard`]; [`hub`]: the [`Hub`] its parts
+//!   share, and the engine's feed into it.
 //! - [`ws`]: WebSocket sessions: hello, subscriptions, publishes, delivery and catch-up, and
 //!   the rooms that fan events out.
 //! - [`http`]: the HTTP sync API (events, push, snapshots, admin) and the operations
 //!   endpoints.
 //! - [`branch`]: one handle per branch, the methods sessions and HTTP share (publish,
-//!   resume, read, status, devices, conflicts, resolve, snapshot), and presence.
+//!   resume, read, status, devices, conflicts, resolve, snapshot), presence, and the
+//!   snapshots being paged.
 //! - [`engine`]: the boundary to what stores and sequences logs, shaped like a broker;
 //!   [`engine::sled`] is the embedded engine (single writer per branch, group commit, the
 //!   sled store made durable), [`engine::sequence`] the rules every engine applies.
@@ -31,6 +33,7 @@
 pub mod auth;
 pub mod branch;
 pub mod config;
+pub mod conn;
 pub mod engine;
 pub mod http;
 pub mod hub;

@@ -13,29 +13,13 @@ use governor::{Quota, RateLimiter};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use crate::config::Config;
+use crate::conn::ConnGuard;
 use crate::hub::{Hub, HubError};
-
-/// Held by a connection (and, after an upgrade, by its session) for as long as it is open.
-#[derive(Clone)]
-pub struct ConnGuard {
-    _inner: Arc<ConnInner>,
-}
-
-struct ConnInner {
-    _permit: Option<OwnedSemaphorePermit>,
-    hub: Arc<Hub>,
-}
-
-impl Drop for ConnInner {
-    fn drop(&mut self) {
-        self.hub.metrics().connections.decrement(1.0);
-    }
-}
 
 /// Runs a hub on `listener` until `shutdown` resolves, then shuts it down gracefully.
 pub async fn run(
@@ -86,13 +70,7 @@ pub async fn serve(
         };
         let permit = permits.clone().try_acquire_owned().ok();
         let admitted = permit.is_some() && rate.check().is_ok();
-        hub.metrics().connections.increment(1.0);
-        let guard = ConnGuard {
-            _inner: Arc::new(ConnInner {
-                _permit: permit,
-                hub: hub.clone(),
-            }),
-        };
+        let guard = ConnGuard::new(permit, hub.clone());
         let router = if admitted {
             app.clone()
         } else {

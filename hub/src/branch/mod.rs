@@ -11,6 +11,7 @@
 //! is durable. Presence (sessions, acks) is written by the sessions and polls themselves.
 
 mod presence;
+pub mod snapshots;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -37,8 +37,8 @@ use branchline_protocol::{
 use self::push::PushBudget;
 use crate::auth::{Access, Claims};
 use crate::branch::Branch;
+use crate::conn::ConnGuard;
 use crate::hub::Hub;
-use crate::server::ConnGuard;
 
 /// Bytes of WebSocket output gathered before writing to the socket (a flush always writes
 /// everything); frames of one round go out in one write.

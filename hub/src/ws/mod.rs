@@ -36,8 +36,8 @@ use branchline_protocol::Codec;
 use futures::{Sink, Stream};
 use tracing::Instrument;
 
+use crate::conn::ConnGuard;
 use crate::hub::Hub;
-use crate::server::ConnGuard;
 
 /// A WebSocket as a session uses it: the messages the client sends, and a sink for those the
 /// hub sends. axum's socket is one; tests use an in-memory pipe.

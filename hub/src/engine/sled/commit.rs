@@ -28,8 +28,8 @@ use std::time::Instant;
 use branchline_protocol::{ErrorCode, Name};
 use tokio::sync::mpsc;
 
+use super::core::BranchCore;
 use super::log::{EventLog, Op, StoreError};
-use super::writer::BranchCore;
 use crate::config::FsyncMode;
 use crate::engine::health::StoreHealth;
 use crate::engine::{Committed, Feed, Publication};

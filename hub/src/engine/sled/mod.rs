@@ -10,8 +10,8 @@
 //! - [`tools`]: offline tools on a stopped hub's store.
 
 pub mod commit;
+pub mod core;
 mod dedup;
-mod keys;
 pub mod log;
 pub mod tools;
 pub mod writer;
@@ -32,9 +32,10 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use self::commit::{CommitSender, Committer};
+use self::core::BranchCore;
 use self::dedup::DedupFilter;
 pub use self::log::{EventLog, SledLog, StoreError};
-use self::writer::{BranchCore, WriterCtx, WriterHandle};
+use self::writer::{WriterCtx, WriterHandle};
 use super::health::StoreHealth;
 use super::sequence::Sequencer;
 use futures::FutureExt;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use branchline_protocol::{BranchKey, Epoch, now_ms};
 
-use super::keys::{FLOOR, HEAD, META, key, u64_at};
+use super::log::keys::{FLOOR, HEAD, META, key, u64_at};
 use super::log::{EventLog, SEGMENT_SIZE, SledLog, StoreError};
 
 /// Offline tools (`branchline-hub log …`) on a stopped hub's store: open it without waiting for

@@ -11,10 +11,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use branchline_protocol::http::{PushResult, ResolveRequest, ResolveResponse};
-use branchline_protocol::{BranchKey, Epoch, ErrorCode, EventBody, Name, Publish, Rejected, Sku};
+use branchline_protocol::{BranchKey, ErrorCode, EventBody, Name, Publish, Rejected, Sku};
 use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -22,6 +21,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::commit::{CommitItem, CommitSender, Reply};
+use super::core::BranchCore;
 use super::dedup::DedupFilter;
 use super::log::{EventLog, Op, StoreError};
 use crate::engine::health::StoreHealth;
@@ -35,48 +35,6 @@ use crate::state::{Change, Policies, Refused, StateSnapshot};
 const ROUND: usize = 512;
 /// Commands queued per branch before senders wait.
 const MAILBOX: usize = 4_096;
-
-/// What the engine's threads share about one branch.
-pub struct BranchCore {
-    /// The branch.
-    pub key: Arc<BranchKey>,
-    /// Its log's epoch.
-    pub epoch: Epoch,
-    committed: AtomicU64,
-    floor: AtomicU64,
-}
-
-impl BranchCore {
-    /// A branch at `head` and `floor`.
-    pub fn new(key: Arc<BranchKey>, epoch: Epoch, head: u64, floor: u64) -> Self {
-        Self {
-            key,
-            epoch,
-            committed: AtomicU64::new(head),
-            floor: AtomicU64::new(floor),
-        }
-    }
-
-    /// The last durable seq.
-    pub fn committed(&self) -> u64 {
-        self.committed.load(Ordering::SeqCst)
-    }
-
-    /// Called by the committer after a durable write.
-    pub fn set_committed(&self, head: u64) {
-        self.committed.store(head, Ordering::SeqCst);
-    }
-
-    /// The retention floor.
-    pub fn floor(&self) -> u64 {
-        self.floor.load(Ordering::SeqCst)
-    }
-
-    /// Moves the floor up (retention does, before it deletes).
-    pub fn raise_floor(&self, floor: u64) {
-        self.floor.fetch_max(floor, Ordering::SeqCst);
-    }
-}
 
 /// What every writer needs from the engine.
 #[derive(Clone)]

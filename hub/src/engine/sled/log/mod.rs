@@ -46,12 +46,13 @@ use branchline_protocol::{
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::keys::{
+use self::keys::{
     BranchRounds, CONFLICT, DEDUP, DEDUP_ENTRY, EVENT, FLOOR, HEAD, META, PRODUCT, RUN, STOCK,
     decode, decode_branch, decode_head, dedup_bucket, dedup_entries, entries, i64_at, key, u64_at,
 };
 use crate::engine::StoredEvent;
 
+pub mod keys;
 mod records;
 
 pub use records::{DedupEntry, LoadedBranch, Op, StoreError};

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use branchline_protocol::Name;
 
+use super::keys::{decode_branch, encode_branch};
 use super::*;
-use crate::engine::sled::keys::{decode_branch, encode_branch};
 
 fn branch(t: &str, b: &str) -> BranchKey {
     BranchKey::new(Name::new(t).unwrap(), Name::new(b).unwrap())

@@ -1,4 +1,4 @@
-//! The store's key layout and value encodings (the table is in [`super::log`]).
+//! The store's key layout and value encodings (the table is in [`super`], the store).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -7,12 +7,12 @@ use branchline_protocol::{BranchKey, Codec, Name};
 use bytes::Bytes;
 use uuid::Uuid;
 
-use super::log::{DedupEntry, StoreError};
+use super::records::{DedupEntry, StoreError};
 use crate::engine::StoredEvent;
 
 /// `tenant \0 branch \0`, a branch's part of every key: names never hold a NUL, so this is
 /// prefix-free.
-pub(super) fn encode_branch(branch: &BranchKey) -> Vec<u8> {
+pub(crate) fn encode_branch(branch: &BranchKey) -> Vec<u8> {
     let mut out =
         Vec::with_capacity(branch.tenant.as_str().len() + branch.branch.as_str().len() + 2);
     out.extend_from_slice(branch.tenant.as_str().as_bytes());
@@ -23,7 +23,7 @@ pub(super) fn encode_branch(branch: &BranchKey) -> Vec<u8> {
 }
 
 /// The branch a key part names, and what follows it.
-pub(super) fn decode_branch(bytes: &[u8]) -> Option<(BranchKey, &[u8])> {
+pub(crate) fn decode_branch(bytes: &[u8]) -> Option<(BranchKey, &[u8])> {
     let t = bytes.iter().position(|&b| b == 0)?;
     let rest = &bytes[t + 1..];
     let b = rest.iter().position(|&b| b == 0)?;
@@ -32,28 +32,28 @@ pub(super) fn decode_branch(bytes: &[u8]) -> Option<(BranchKey, &[u8])> {
     Some((BranchKey::new(tenant, branch), &rest[b + 1..]))
 }
 
-pub(super) const META: u8 = b'M';
-pub(super) const HEAD: u8 = b'H';
-pub(super) const FLOOR: u8 = b'F';
-pub(super) const EVENT: u8 = b'E';
-pub(super) const DEDUP: u8 = b'D';
-pub(super) const PRODUCT: u8 = b'P';
-pub(super) const STOCK: u8 = b'S';
-pub(super) const CONFLICT: u8 = b'C';
-pub(super) const RUN: u8 = b'R';
+pub(crate) const META: u8 = b'M';
+pub(crate) const HEAD: u8 = b'H';
+pub(crate) const FLOOR: u8 = b'F';
+pub(crate) const EVENT: u8 = b'E';
+pub(crate) const DEDUP: u8 = b'D';
+pub(crate) const PRODUCT: u8 = b'P';
+pub(crate) const STOCK: u8 = b'S';
+pub(crate) const CONFLICT: u8 = b'C';
+pub(crate) const RUN: u8 = b'R';
 
 /// Bytes of one dedup entry: event id, seq, content hash, server time.
-pub(super) const DEDUP_ENTRY: usize = 40;
+pub(crate) const DEDUP_ENTRY: usize = 40;
 
 /// The dedup bucket of an event id: its UUID v7 creation time in units of 1,024 ms.
-pub(super) fn dedup_bucket(event_id: &Uuid) -> [u8; 8] {
+pub(crate) fn dedup_bucket(event_id: &Uuid) -> [u8; 8] {
     let b = event_id.as_bytes();
     let ms = u64::from_be_bytes([0, 0, b[0], b[1], b[2], b[3], b[4], b[5]]);
     (ms >> 10).to_be_bytes()
 }
 
 /// The dedup entries of one `D` value.
-pub(super) fn dedup_entries(
+pub(crate) fn dedup_entries(
     value: &[u8],
 ) -> impl Iterator<Item = Result<(Uuid, DedupEntry), StoreError>> {
     let corrupt = value.len() % DEDUP_ENTRY != 0;
@@ -81,7 +81,7 @@ pub(super) fn dedup_entries(
         .chain(err)
 }
 
-pub(super) fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
+pub(crate) fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(
         1 + branch.tenant.as_str().len() + branch.branch.as_str().len() + 2 + suffix.len(),
     );
@@ -91,7 +91,7 @@ pub(super) fn key(tag: u8, branch: &BranchKey, suffix: &[u8]) -> Vec<u8> {
     k
 }
 
-pub(super) fn u64_at(bytes: &[u8], at: usize, what: &str) -> Result<u64, StoreError> {
+pub(crate) fn u64_at(bytes: &[u8], at: usize, what: &str) -> Result<u64, StoreError> {
     bytes
         .get(at..at + 8)
         .and_then(|b| b.try_into().ok())
@@ -102,11 +102,11 @@ pub(super) fn u64_at(bytes: &[u8], at: usize, what: &str) -> Result<u64, StoreEr
         })
 }
 
-pub(super) fn i64_at(bytes: &[u8], at: usize, what: &str) -> Result<i64, StoreError> {
+pub(crate) fn i64_at(bytes: &[u8], at: usize, what: &str) -> Result<i64, StoreError> {
     u64_at(bytes, at, what).map(|v| v as i64)
 }
 
-pub(super) fn decode<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
     what: &str,
 ) -> Result<T, StoreError> {
@@ -119,7 +119,7 @@ pub(super) fn decode<T: serde::de::DeserializeOwned>(
 }
 
 /// Appends one event to a round value: seq, server time, length, bytes.
-pub(super) fn push_entry(value: &mut Vec<u8>, event: &StoredEvent) {
+pub(crate) fn push_entry(value: &mut Vec<u8>, event: &StoredEvent) {
     value.extend_from_slice(&event.seq.to_be_bytes());
     value.extend_from_slice(&event.server_time_ms.to_be_bytes());
     value.extend_from_slice(
@@ -131,7 +131,7 @@ pub(super) fn push_entry(value: &mut Vec<u8>, event: &StoredEvent) {
 }
 
 /// The events of a round value, sharing its bytes.
-pub(super) fn entries(value: Bytes) -> impl Iterator<Item = Result<StoredEvent, StoreError>> {
+pub(crate) fn entries(value: Bytes) -> impl Iterator<Item = Result<StoredEvent, StoreError>> {
     let mut at = 0;
     std::iter::from_fn(move || {
         if at >= value.len() {
@@ -170,7 +170,7 @@ pub(super) fn entries(value: Bytes) -> impl Iterator<Item = Result<StoredEvent, 
 }
 
 /// The `H` value: the head, then each device as name length, name and `device_seq`.
-pub(super) fn encode_head(head: u64, devices: &[(Name, u64)]) -> Vec<u8> {
+pub(crate) fn encode_head(head: u64, devices: &[(Name, u64)]) -> Vec<u8> {
     let mut value = Vec::with_capacity(8 + devices.len() * 24);
     value.extend_from_slice(&head.to_be_bytes());
     for (device, seq) in devices {
@@ -182,7 +182,7 @@ pub(super) fn encode_head(head: u64, devices: &[(Name, u64)]) -> Vec<u8> {
     value
 }
 
-pub(super) fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
+pub(crate) fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), StoreError> {
     let corrupt = || StoreError::Corrupt {
         key: "head".into(),
         why: "bad device entry".into(),
@@ -204,19 +204,19 @@ pub(super) fn decode_head(value: &[u8]) -> Result<(u64, HashMap<Name, u64>), Sto
 }
 
 /// The rounds one commit adds to one branch, in seq order, as one.
-pub(super) struct BranchRounds<'a> {
-    pub(super) branch: &'a Arc<BranchKey>,
+pub(crate) struct BranchRounds<'a> {
+    pub(crate) branch: &'a Arc<BranchKey>,
     /// Every event with its id and content hash.
-    pub(super) events: Vec<(&'a StoredEvent, &'a (Uuid, u64))>,
+    pub(crate) events: Vec<(&'a StoredEvent, &'a (Uuid, u64))>,
     /// The last round's head and device counters.
-    pub(super) head: u64,
-    pub(super) devices: &'a [(Name, u64)],
+    pub(crate) head: u64,
+    pub(crate) devices: &'a [(Name, u64)],
 }
 
 impl BranchRounds<'_> {
     /// One `E` value with every event, the `H` value of the last round, and one `D` value
     /// per bucket of their ids, all keyed by the last seq.
-    pub(super) fn write(&self, batch: &mut sled::Batch) {
+    pub(crate) fn write(&self, batch: &mut sled::Batch) {
         let size = self.events.iter().map(|(e, _)| 20 + e.bytes.len()).sum();
         let mut value = Vec::with_capacity(size);
         // Ids made within the same second share a bucket: usually one key.
